@@ -1,0 +1,1 @@
+"""The turnid service: domain rules, stores, gRPC transport and CLI."""

@@ -1,0 +1,121 @@
+"""The gRPC transport: protos in, domain calls, protos out; TurnIdError -> google.rpc.Status.
+
+Nothing here decides anything: validation and rules live in the domain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import NoReturn
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from turnid.service.domain import ErrorCategory, Turn, TurnIdError, TurnService
+from turnid.v1 import turnid_pb2, turnid_pb2_grpc
+
+ERROR_DOMAIN = "turnid"
+
+_CODES = {
+    ErrorCategory.INVALID_ARGUMENT: code_pb2.INVALID_ARGUMENT,
+    ErrorCategory.NOT_FOUND: code_pb2.NOT_FOUND,
+    ErrorCategory.ALREADY_EXISTS: code_pb2.ALREADY_EXISTS,
+    ErrorCategory.UNAVAILABLE: code_pb2.UNAVAILABLE,
+    ErrorCategory.RESOURCE_EXHAUSTED: code_pb2.RESOURCE_EXHAUSTED,
+}
+
+
+def turn_to_proto(turn: Turn) -> turnid_pb2.Turn:
+    proto = turnid_pb2.Turn(
+        thread_id=turn.thread_id,
+        turn_id=turn.turn_id,
+        kind=int(turn.kind),  # type: ignore[arg-type]
+        sequence=turn.sequence,
+        request_id=turn.request_id,
+        claimed=turn.claimed,
+    )
+    seconds, micros = divmod(turn.create_time_us, 1_000_000)
+    proto.create_time.seconds = seconds
+    proto.create_time.nanos = micros * 1000
+    return proto
+
+
+def error_to_status(error: TurnIdError) -> status_pb2.Status:
+    """AIP-193: exactly one ErrorInfo, plus BadRequest when fields are at fault."""
+    details = [
+        error_details_pb2.ErrorInfo(
+            reason=error.reason, domain=ERROR_DOMAIN, metadata=dict(error.metadata)
+        )
+    ]
+    if error.field_violations:
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=violation.field,
+                        description=violation.description,
+                        reason=error.reason,
+                    )
+                    for violation in error.field_violations
+                ]
+            )
+        )
+    packed = []
+    for detail in details:
+        wrapper = any_pb2.Any()
+        wrapper.Pack(detail)
+        packed.append(wrapper)
+    return status_pb2.Status(code=_CODES[error.category], message=error.message, details=packed)
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: TurnIdError) -> NoReturn:  # type: ignore[type-arg]
+    await context.abort_with_status(rpc_status.to_status(error_to_status(error)))  # type: ignore[attr-defined]
+    raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+
+@asynccontextmanager
+async def _errors_as_status(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:  # type: ignore[type-arg]
+    try:
+        yield
+    except TurnIdError as error:
+        await _abort(context, error)
+
+
+class TurnIdServicer(turnid_pb2_grpc.TurnIdServiceServicer):  # type: ignore[misc]
+    def __init__(self, turns: TurnService) -> None:
+        self._turns = turns
+
+    async def AllocateTurnId(self, request, context):  # type: ignore[no-untyped-def]
+        async with _errors_as_status(context):
+            turn = await self._turns.allocate(request.thread_id, request.kind, request.request_id)
+            return turnid_pb2.AllocateTurnIdResponse(turn=turn_to_proto(turn))
+
+    async def BatchAllocateTurnIds(self, request, context):  # type: ignore[no-untyped-def]
+        async with _errors_as_status(context):
+            turns = await self._turns.allocate_batch(
+                request.thread_id, request.kind, request.count, request.request_id
+            )
+            return turnid_pb2.BatchAllocateTurnIdsResponse(turns=[turn_to_proto(t) for t in turns])
+
+    async def ClaimTurnId(self, request, context):  # type: ignore[no-untyped-def]
+        async with _errors_as_status(context):
+            turn = await self._turns.claim(
+                request.thread_id, request.turn_id, request.kind, request.request_id
+            )
+            return turnid_pb2.ClaimTurnIdResponse(turn=turn_to_proto(turn))
+
+    async def GetTurn(self, request, context):  # type: ignore[no-untyped-def]
+        async with _errors_as_status(context):
+            turn = await self._turns.get(request.thread_id, request.turn_id)
+            return turnid_pb2.GetTurnResponse(turn=turn_to_proto(turn))
+
+    async def ListTurns(self, request, context):  # type: ignore[no-untyped-def]
+        async with _errors_as_status(context):
+            page = await self._turns.list(request.thread_id, request.page_size, request.page_token)
+            return turnid_pb2.ListTurnsResponse(
+                turns=[turn_to_proto(t) for t in page.turns],
+                next_page_token=page.next_page_token,
+            )

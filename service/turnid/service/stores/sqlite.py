@@ -1,0 +1,316 @@
+"""The embedded default store: one SQLite file, safe to share between service processes.
+
+Durability: WAL with synchronous=FULL, so an acknowledged allocation survives kill -9 and
+power loss. Throughput: every allocation goes through one writer thread that takes all requests
+queued behind it and commits them in one `BEGIN IMMEDIATE` transaction (group commit), so the
+fsync is shared. Each request runs in its own savepoint, so one refused request never undoes or
+blocks its neighbours. Processes sharing the file serialize on SQLite's write lock (busy_timeout);
+every transaction reads the thread's counters under that lock, so ids stay unique.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from turnid.service.domain.errors import (
+    TurnIdError,
+    request_id_reused,
+    store_unavailable,
+    turn_id_taken,
+)
+from turnid.service.domain.model import Allocation, Turn, TurnKind
+
+# Forward-only migrations; PRAGMA user_version counts how many have been applied.
+MIGRATIONS: Sequence[str] = (
+    """
+    CREATE TABLE threads (
+        thread_id       TEXT PRIMARY KEY,
+        next_sequence   INTEGER NOT NULL,
+        next_compaction INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE turns (
+        thread_id      TEXT NOT NULL,
+        sequence       INTEGER NOT NULL,
+        turn_id        TEXT NOT NULL,
+        kind           INTEGER NOT NULL,
+        request_id     TEXT NOT NULL,
+        claimed        INTEGER NOT NULL,
+        create_time_us INTEGER NOT NULL,
+        PRIMARY KEY (thread_id, sequence),
+        UNIQUE (thread_id, turn_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE requests (
+        thread_id       TEXT NOT NULL,
+        request_id      TEXT NOT NULL,
+        kind            INTEGER NOT NULL,
+        count           INTEGER NOT NULL,
+        claimed_turn_id TEXT,
+        first_sequence  INTEGER NOT NULL,
+        PRIMARY KEY (thread_id, request_id)
+    ) WITHOUT ROWID;
+    """,
+)
+
+_TURN_COLUMNS = "thread_id, turn_id, kind, sequence, create_time_us, request_id, claimed"
+_MAX_GROUP = 1024
+_T = TypeVar("_T")
+
+
+def _turn(row: tuple[str, str, int, int, int, str, int]) -> Turn:
+    return Turn(row[0], row[1], TurnKind(row[2]), row[3], row[4], row[5], bool(row[6]))
+
+
+def _connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves.
+    conn = sqlite3.connect(
+        path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+    )
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply pending migrations under the write lock; returns the schema version."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if version > len(MIGRATIONS):
+            raise RuntimeError(
+                f"database schema version {version} is newer than this turnid "
+                f"(knows {len(MIGRATIONS)}); upgrade turnid"
+            )
+        for script in MIGRATIONS[version:]:
+            for statement in filter(str.strip, script.split(";")):
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version={len(MIGRATIONS)}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return len(MIGRATIONS)
+
+
+class SqliteStore:
+    def __init__(self, path: str, *, busy_timeout_s: float = 10.0) -> None:
+        self.path = path
+        self._busy_timeout_s = busy_timeout_s
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="turnid-sqlite-writer")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="turnid-sqlite-reader")
+        self._write_conn: sqlite3.Connection | None = None
+        self._read_conn: sqlite3.Connection | None = None
+        self._pending: deque[tuple[Allocation, asyncio.Future[list[Turn]]]] = deque()
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._write_loop_task: asyncio.Task[None] | None = None
+        self.commits = 0  # transactions committed: allocations / commits = group size
+
+    async def open(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        self._write_conn = await loop.run_in_executor(self._writer, self._open_writer)
+        self._read_conn = await loop.run_in_executor(
+            self._reader, _connect, self.path, self._busy_timeout_s
+        )
+        self._write_loop_task = asyncio.create_task(self._write_loop(), name="sqlite-writer")
+
+    def _open_writer(self) -> sqlite3.Connection:
+        conn = _connect(self.path, self._busy_timeout_s)
+        migrate(conn)
+        return conn
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wakeup.set()
+        if self._write_loop_task is not None:
+            await self._write_loop_task
+        loop = asyncio.get_running_loop()
+        if self._write_conn is not None:
+            await loop.run_in_executor(self._writer, self._write_conn.close)
+        if self._read_conn is not None:
+            await loop.run_in_executor(self._reader, self._read_conn.close)
+        self._writer.shutdown()
+        self._reader.shutdown()
+
+    # --- writes: group commit -------------------------------------------------------------
+
+    async def allocate(self, allocation: Allocation) -> list[Turn]:
+        if self._closing:
+            raise store_unavailable("store is closing")
+        future: asyncio.Future[list[Turn]] = asyncio.get_running_loop().create_future()
+        self._pending.append((allocation, future))
+        self._wakeup.set()
+        return await future
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                group = [
+                    self._pending.popleft() for _ in range(min(len(self._pending), _MAX_GROUP))
+                ]
+                try:
+                    results = await loop.run_in_executor(
+                        self._writer, self._commit_group, [allocation for allocation, _ in group]
+                    )
+                except Exception as error:  # a bug must fail these calls, not stall the store
+                    results = [error] * len(group)
+                for (_, future), result in zip(group, results, strict=True):
+                    if future.done():  # the caller gave up (deadline); the write stands
+                        continue
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+            if self._closing:
+                return
+
+    def _commit_group(self, group: list[Allocation]) -> Sequence[list[Turn] | BaseException]:
+        conn = self._write_conn
+        assert conn is not None
+        results: list[list[Turn] | BaseException] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            now_us = time.time_ns() // 1000
+            for allocation in group:
+                conn.execute("SAVEPOINT allocation")
+                try:
+                    results.append(self._apply(conn, allocation, now_us))
+                except (TurnIdError, sqlite3.IntegrityError) as error:
+                    conn.execute("ROLLBACK TO allocation")
+                    results.append(error)
+                conn.execute("RELEASE allocation")
+            conn.execute("COMMIT")
+            self.commits += 1
+        except sqlite3.Error as error:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            unavailable = store_unavailable(f"sqlite: {error}")
+            return [unavailable] * len(group)
+        return results
+
+    def _apply(self, conn: sqlite3.Connection, allocation: Allocation, now_us: int) -> list[Turn]:
+        thread_id = allocation.thread_id
+        if allocation.request_id:
+            seen = conn.execute(
+                "SELECT kind, count, claimed_turn_id, first_sequence FROM requests "
+                "WHERE thread_id = ? AND request_id = ?",
+                (thread_id, allocation.request_id),
+            ).fetchone()
+            if seen is not None:
+                kind, count, claimed_turn_id, first = seen
+                if not allocation.same_request(kind, count, claimed_turn_id):
+                    raise request_id_reused(thread_id, allocation.request_id)
+                return self._read_range(conn, thread_id, first - 1, count)
+        claimed = allocation.claimed_turn_id
+        if (
+            claimed is not None
+            and conn.execute(
+                "SELECT 1 FROM turns WHERE thread_id = ? AND turn_id = ?", (thread_id, claimed)
+            ).fetchone()
+        ):
+            raise turn_id_taken(thread_id, claimed)
+
+        counters = conn.execute(
+            "SELECT next_sequence, next_compaction FROM threads WHERE thread_id = ?",
+            (thread_id,),
+        ).fetchone()
+        first, next_compaction = counters if counters else (1, 0)
+        turns = [
+            Turn(
+                thread_id,
+                turn_id,
+                allocation.kind,
+                first + i,
+                now_us,
+                allocation.request_id,
+                claimed is not None,
+            )
+            for i, turn_id in enumerate(allocation.turn_ids(next_compaction))
+        ]
+        conn.executemany(
+            f"INSERT INTO turns ({_TURN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    t.thread_id,
+                    t.turn_id,
+                    int(t.kind),
+                    t.sequence,
+                    t.create_time_us,
+                    t.request_id,
+                    int(t.claimed),
+                )
+                for t in turns
+            ],
+        )
+        conn.execute(
+            "INSERT INTO threads (thread_id, next_sequence, next_compaction) VALUES (?, ?, ?) "
+            "ON CONFLICT (thread_id) DO UPDATE SET "
+            "next_sequence = excluded.next_sequence, next_compaction = excluded.next_compaction",
+            (thread_id, first + len(turns), next_compaction + allocation.compactions),
+        )
+        if allocation.request_id:
+            conn.execute(
+                "INSERT INTO requests (thread_id, request_id, kind, count, claimed_turn_id, "
+                "first_sequence) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    thread_id,
+                    allocation.request_id,
+                    int(allocation.kind),
+                    allocation.count,
+                    claimed,
+                    first,
+                ),
+            )
+        return turns
+
+    # --- reads: WAL readers never wait for the writer -------------------------------------
+
+    @staticmethod
+    def _read_range(
+        conn: sqlite3.Connection, thread_id: str, after_sequence: int, limit: int
+    ) -> list[Turn]:
+        rows = conn.execute(
+            f"SELECT {_TURN_COLUMNS} FROM turns WHERE thread_id = ? AND sequence > ? "
+            "ORDER BY sequence LIMIT ?",
+            (thread_id, after_sequence, limit),
+        ).fetchall()
+        return [_turn(row) for row in rows]
+
+    async def _read(self, query: Callable[[sqlite3.Connection], _T]) -> _T:
+        conn = self._read_conn
+        if conn is None or self._closing:
+            raise store_unavailable("store is closed")
+
+        def run() -> _T:
+            try:
+                return query(conn)
+            except sqlite3.OperationalError as error:
+                raise store_unavailable(f"sqlite: {error}") from error
+
+        return await asyncio.get_running_loop().run_in_executor(self._reader, run)
+
+    async def get(self, thread_id: str, turn_id: str) -> Turn | None:
+        def query(conn: sqlite3.Connection) -> Turn | None:
+            row = conn.execute(
+                f"SELECT {_TURN_COLUMNS} FROM turns WHERE thread_id = ? AND turn_id = ?",
+                (thread_id, turn_id),
+            ).fetchone()
+            return _turn(row) if row else None
+
+        return await self._read(query)
+
+    async def list(self, thread_id: str, after_sequence: int, limit: int) -> list[Turn]:
+        return await self._read(
+            lambda conn: self._read_range(conn, thread_id, after_sequence, limit)
+        )
