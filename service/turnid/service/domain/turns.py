@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from turnid.service.domain import paging, validation
 from turnid.service.domain.errors import turn_not_found
 from turnid.service.domain.model import Allocation, Turn
-from turnid.service.stores.base import Store
+from turnid.service.domain.store import Store
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from turnid.service.stores.base import Store
+from turnid.service.domain.store import Store
 
 __all__ = ["Store", "open_store", "sqlite_path"]
 

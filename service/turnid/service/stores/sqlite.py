@@ -128,6 +128,8 @@ class SqliteStore:
         return conn
 
     async def close(self) -> None:
+        if self._closing:
+            return
         self._closing = True
         self._wakeup.set()
         if self._write_loop_task is not None:

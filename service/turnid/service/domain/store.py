@@ -1,4 +1,4 @@
-"""The Store protocol: what every store (memory, SQLite, PostgreSQL) must do, identically.
+"""The Store protocol, the domain's port to storage: what every store must do, identically.
 
 The conformance suite in tests/stores/ holds each store to it.
 """
