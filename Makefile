@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto')
 STUBS_DIR := client
 
-.PHONY: install run test lint proto proto-check clean
+.PHONY: install run test lint proto proto-check clean node-install stubs-ts example-node breaking
 
 install: $(STAMP)
 
@@ -22,13 +22,14 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/turnid serve $(ARGS)
 
-test: install
+test: install node-install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: install
+lint: install node-install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BUF) lint
 
 # Regenerates the committed Python stubs (messages, .pyi, gRPC) from protos/.
 proto: install
@@ -46,3 +47,41 @@ proto-check: install
 
 clean:
 	rm -rf $(VENV) .proto-check .pytest_cache .mypy_cache .ruff_cache
+
+# --- protos for other languages: buf, TypeScript stubs, the Node example (README "Other languages")
+# buf, protoc-gen-es and the example's packages come from npm, pinned by package-lock.json.
+NODE_STAMP := node_modules/.installed
+BUF := node_modules/.bin/buf
+# The commit `make breaking` compares protos/ against (any git revision: a tag, a sha, ...).
+BREAKING_AGAINST ?= HEAD~1
+
+node-install: $(NODE_STAMP)
+
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund
+	touch $(NODE_STAMP)
+
+# TypeScript stubs (protobuf-es + service descriptors for Connect) in gen/ts; not committed.
+stubs-ts: node-install
+	$(BUF) generate
+
+# Type-checks and compiles examples/node with the stubs into gen/node (run: see the example).
+example-node: stubs-ts
+	node_modules/.bin/tsc -p examples/node
+
+# Fails when protos/ breaks wire or source compatibility (buf's FILE rules) with BREAKING_AGAINST.
+# A shallow clone is deepened by one commit first; with no earlier commit (a one-commit history,
+# or a clone that cannot be deepened) or no protos/ in it, the check says so and is skipped.
+breaking: node-install
+	@if [ "$$(git rev-parse --is-shallow-repository)" = true ] \
+		&& ! git rev-parse -q --verify '$(BREAKING_AGAINST)^{commit}' >/dev/null; then \
+		echo "breaking: shallow clone, fetching one more commit"; \
+		git fetch --quiet --deepen=1 || true; \
+	fi; \
+	against=$$(git rev-parse -q --verify '$(BREAKING_AGAINST)^{commit}') || { \
+		echo "breaking: SKIPPED: no commit $(BREAKING_AGAINST) in this clone (first commit, or history unavailable)"; \
+		exit 0; }; \
+	if ! git cat-file -e "$$against:protos" 2>/dev/null; then \
+		echo "breaking: SKIPPED: $(BREAKING_AGAINST) ($$against) has no protos/"; exit 0; fi; \
+	echo "breaking: protos/ against $(BREAKING_AGAINST) ($$against)"; \
+	$(BUF) breaking protos --against ".git#ref=$$against,subdir=protos"
