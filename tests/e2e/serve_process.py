@@ -1,0 +1,71 @@
+"""Run `turnid serve` as a subprocess and learn its address from its start-up log line."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+
+_READY = re.compile(r"turnid serving on (\S+)")
+
+
+class ServeProcess:
+    def __init__(self, database: str, *extra: str, listen: str = "127.0.0.1:0") -> None:
+        command: Sequence[str] = [
+            sys.executable,
+            "-m",
+            "turnid.service.cli",
+            "serve",
+            "--listen",
+            listen,
+            "--database",
+            database,
+            *extra,
+        ]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
+        )
+        self.log: list[str] = []
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def drain() -> None:  # keeps the pipe from filling up for the life of the process
+            assert self.process.stderr is not None
+            for line in self.process.stderr:
+                self.log.append(line)
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=drain, daemon=True).start()
+        while True:
+            try:
+                line = lines.get(timeout=30)
+            except queue.Empty:
+                self.kill()
+                raise TimeoutError("turnid serve did not report ready in 30 s") from None
+            if line is None:
+                raise RuntimeError(f"turnid serve exited: {''.join(self.log)}")
+            if match := _READY.search(line):
+                self.target = match.group(1)
+                return
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs."""
+        self.process.kill()
+        self.process.wait(30)
+
+    def terminate(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(30)
+
+    def __enter__(self) -> ServeProcess:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.process.poll() is None:
+            self.kill()

@@ -1,0 +1,121 @@
+"""End to end against `turnid serve` subprocesses: the scenario this product exists for."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from turnid.v1 import turnid_pb2 as pb
+from turnid.v1 import turnid_pb2_grpc as pb_grpc
+
+from .serve_process import ServeProcess
+
+pytestmark = pytest.mark.e2e
+
+REALTIME = pb.TURN_KIND_REALTIME_DELEGATION
+COMPACTION = pb.TURN_KIND_AUTO_COMPACTION
+
+
+async def allocate(target: str, thread_id: str, kind: int, rid: str = "") -> pb.Turn:
+    """One call on a fresh channel, as a freshly resumed orchestrator session would make."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        response = await pb_grpc.TurnIdServiceStub(channel).AllocateTurnId(
+            pb.AllocateTurnIdRequest(thread_id=thread_id, kind=kind, request_id=rid), timeout=30
+        )
+        return response.turn
+
+
+async def list_all(target: str, thread_id: str) -> list[pb.Turn]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.TurnIdServiceStub(channel)
+        turns: list[pb.Turn] = []
+        token = ""
+        while True:
+            page = await stub.ListTurns(
+                pb.ListTurnsRequest(thread_id=thread_id, page_size=1000, page_token=token)
+            )
+            turns.extend(page.turns)
+            if not (token := page.next_page_token):
+                return turns
+
+
+def assert_thread_consistent(turns: list[pb.Turn]) -> None:
+    assert [t.sequence for t in turns] == list(range(1, len(turns) + 1))
+    assert len({t.turn_id for t in turns}) == len(turns), "a turn id repeats"
+    compactions = [t.turn_id for t in turns if t.kind == COMPACTION]
+    assert compactions == [f"auto-compact-{n}" for n in range(len(compactions))]
+
+
+async def test_kill_9_and_resume_on_a_fresh_process(tmp_path: Path, thread_id: str) -> None:
+    database = f"sqlite://{tmp_path / 'turnid.db'}"
+    remembered: dict[str, pb.Turn] = {}
+    for session in range(3):
+        with ServeProcess(database) as server:
+            for step in range(4):
+                kind = COMPACTION if step % 2 else REALTIME
+                rid = f"session-{session}-step-{step}"
+                remembered[rid] = await allocate(server.target, thread_id, kind, rid)
+            # A retry of a step from an earlier session returns that session's turn.
+            for rid in ("session-0-step-1", f"session-{session}-step-0"):
+                earlier = remembered[rid]
+                assert await allocate(server.target, thread_id, earlier.kind, rid) == earlier
+            server.kill()  # SIGKILL: acknowledged turns must already be durable
+
+    with ServeProcess(database) as server:
+        turns = await list_all(server.target, thread_id)
+        assert_thread_consistent(turns)
+        assert len(turns) == 12
+        assert [t.turn_id for t in turns if t.kind == COMPACTION] == [
+            f"auto-compact-{n}" for n in range(6)
+        ]
+        assert {t.request_id: t for t in turns} == remembered
+        assert (await allocate(server.target, thread_id, COMPACTION)).turn_id == "auto-compact-6"
+        assert server.terminate() == 0
+
+
+async def test_two_processes_on_one_sqlite_file(tmp_path: Path, thread_id: str) -> None:
+    database = f"sqlite://{tmp_path / 'shared.db'}"
+    with ServeProcess(database) as first, ServeProcess(database) as second:
+        targets = [first.target, second.target]
+        channels = [grpc.aio.insecure_channel(t) for t in targets]
+        stubs = [pb_grpc.TurnIdServiceStub(c) for c in channels]
+
+        async def worker(index: int) -> None:
+            stub = stubs[index % 2]
+            for step in range(40):
+                kind = COMPACTION if (index + step) % 2 else REALTIME
+                await stub.AllocateTurnId(
+                    pb.AllocateTurnIdRequest(thread_id=thread_id, kind=kind), timeout=30
+                )
+
+        await asyncio.gather(*(worker(i) for i in range(8)))
+        for channel in channels:
+            await channel.close()
+        turns = await list_all(first.target, thread_id)
+        assert len(turns) == 320
+        assert_thread_consistent(turns)
+        assert len([t for t in turns if t.kind == COMPACTION]) == 160
+        assert await list_all(second.target, thread_id) == turns
+        assert first.terminate() == 0 and second.terminate() == 0
+
+
+async def test_sigterm_exits_zero_and_health_serves_until_then(tmp_path: Path) -> None:
+    with ServeProcess(f"sqlite://{tmp_path / 't.db'}") as server:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            response = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="turnid.v1.TurnIdService"), timeout=10
+            )
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+        assert server.terminate() == 0
+        assert any("stopped" in line for line in server.log)
+
+
+def test_unusable_database_url_fails_fast_with_one_line() -> None:
+    with pytest.raises(RuntimeError) as caught:
+        ServeProcess("mysql://nowhere")
+    assert "unsupported database URL" in str(caught.value)
+    assert "Traceback" not in str(caught.value)
