@@ -1,0 +1,138 @@
+"""Typed errors, decoded from the service's AIP-193 status (one ErrorInfo, maybe a BadRequest)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+ERROR_DOMAIN = "turnid"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One bad request field, from the status's `google.rpc.BadRequest`."""
+
+    field: str
+    description: str
+
+
+class TurnIdError(Exception):
+    """A failed turnid call.
+
+    `code` is the gRPC status code; `reason` the UPPER_SNAKE `ErrorInfo.reason` the service
+    documents for each RPC (`""` when the status carried no ErrorInfo, for example a transport
+    failure); `metadata` the ErrorInfo's metadata naming the offending values.
+    """
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        *,
+        reason: str = "",
+        domain: str = "",
+        metadata: Mapping[str, str] | None = None,
+        field_violations: tuple[FieldViolation, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.domain = domain
+        self.metadata: Mapping[str, str] = MappingProxyType(dict(metadata or {}))
+        self.field_violations = field_violations
+
+    def __str__(self) -> str:
+        label = self.reason or self.code.name
+        return f"{label}: {self.message}" if self.message else label
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(code={self.code.name}, reason={self.reason!r}, "
+            f"message={self.message!r}, metadata={dict(self.metadata)!r})"
+        )
+
+
+class InvalidArgument(TurnIdError):
+    """INVALID_ARGUMENT: bad input (INVALID_THREAD_ID, INVALID_KIND, INVALID_COUNT, ...)."""
+
+
+class Conflict(TurnIdError):
+    """ALREADY_EXISTS: TURN_ID_TAKEN (claim) or REQUEST_ID_REUSED (a request_id reused)."""
+
+
+class NotFound(TurnIdError):
+    """NOT_FOUND: TURN_NOT_FOUND."""
+
+
+class Unavailable(TurnIdError):
+    """UNAVAILABLE: the service or its store cannot be reached. The client retries these within
+    the call's deadline with the same request_id; this is raised when the deadline runs out."""
+
+
+class DeadlineExceeded(TurnIdError):
+    """DEADLINE_EXCEEDED: the call's deadline passed before it completed."""
+
+
+class ResourceExhausted(TurnIdError):
+    """RESOURCE_EXHAUSTED: the service is overloaded."""
+
+
+_CLASSES: dict[grpc.StatusCode, type[TurnIdError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.ALREADY_EXISTS: Conflict,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+}
+
+
+def _rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
+    # grpc.RpcError raised by a call is also a grpc.Call (sync) or an AioRpcError; both have
+    # code(), details() and trailing_metadata() returning plain values.
+    try:
+        status: status_pb2.Status | None = rpc_status.from_call(error)  # type: ignore[arg-type]
+    except (ValueError, AttributeError, TypeError):
+        return None
+    return status
+
+
+def error_from_rpc(error: grpc.RpcError) -> TurnIdError:
+    """The typed error for a failed call, with ErrorInfo and BadRequest decoded when present."""
+    code_method = getattr(error, "code", None)
+    details_method = getattr(error, "details", None)
+    code = code_method() if callable(code_method) else grpc.StatusCode.UNKNOWN
+    if not isinstance(code, grpc.StatusCode):
+        code = grpc.StatusCode.UNKNOWN
+    message = (details_method() if callable(details_method) else None) or ""
+    reason = domain = ""
+    metadata: dict[str, str] = {}
+    violations: list[FieldViolation] = []
+    status = _rich_status(error)
+    if status is not None:
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR) and not reason:
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason, domain, metadata = info.reason, info.domain, dict(info.metadata)
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad_request = error_details_pb2.BadRequest()
+                detail.Unpack(bad_request)
+                violations.extend(
+                    FieldViolation(v.field, v.description) for v in bad_request.field_violations
+                )
+    cls = _CLASSES.get(code, TurnIdError)
+    return cls(
+        code,
+        message,
+        reason=reason,
+        domain=domain,
+        metadata=metadata,
+        field_violations=tuple(violations),
+    )
