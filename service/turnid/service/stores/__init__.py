@@ -17,8 +17,12 @@ def sqlite_path(url: str) -> str:
     return rest
 
 
-def open_store(url: str) -> Store:
-    """A store for a database URL: `memory:`, `sqlite:///path` or `postgresql://...`."""
+def open_store(url: str, *, migrate: bool = True) -> Store:
+    """A store for a database URL: `memory:`, `sqlite:///path` or `postgresql://...`.
+
+    `migrate=False` makes the PostgreSQL store check the schema version instead of migrating
+    (`turnid migrate` does it); SQLite always migrates its own file.
+    """
     if url == "memory:":
         from turnid.service.stores.memory import MemoryStore
 
@@ -28,7 +32,14 @@ def open_store(url: str) -> Store:
 
         return SqliteStore(sqlite_path(url))
     if url.startswith(("postgresql://", "postgres://")):
-        raise ValueError("the PostgreSQL store is not built yet")
+        try:
+            from turnid.service.stores.postgres import PostgresStore
+        except ImportError as error:
+            raise ValueError(
+                f"the PostgreSQL store needs psycopg and psycopg-pool ({error}): "
+                "install turnid[postgres]"
+            ) from error
+        return PostgresStore(url, migrate=migrate)
     raise ValueError(
         f"unsupported database URL {url!r}: use memory:, sqlite:///path or postgresql://..."
     )
