@@ -59,8 +59,9 @@ class ServeProcess:
         self.process.kill()
         self.process.wait(30)
 
-    def terminate(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
+    def terminate(self, signum: signal.Signals = signal.SIGTERM) -> int:
+        """Ask for a graceful stop; returns the exit code."""
+        self.process.send_signal(signum)
         return self.process.wait(30)
 
     def __enter__(self) -> ServeProcess:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 
 import grpc
@@ -103,14 +104,17 @@ async def test_two_processes_on_one_sqlite_file(tmp_path: Path, thread_id: str) 
         assert first.terminate() == 0 and second.terminate() == 0
 
 
-async def test_sigterm_exits_zero_and_health_serves_until_then(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_stop_signals_exit_zero_and_health_serves_until_then(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
     with ServeProcess(f"sqlite://{tmp_path / 't.db'}") as server:
         async with grpc.aio.insecure_channel(server.target) as channel:
             response = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service="turnid.v1.TurnIdService"), timeout=10
             )
             assert response.status == health_pb2.HealthCheckResponse.SERVING
-        assert server.terminate() == 0
+        assert server.terminate(signum) == 0
         assert any("stopped" in line for line in server.log)
 
 
