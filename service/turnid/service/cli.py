@@ -1,10 +1,11 @@
-"""`turnid` command line: `turnid serve` runs the service."""
+"""`turnid` command line: `turnid serve` runs the service, `turnid migrate` updates a schema."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -44,12 +45,33 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long in-flight calls may finish after SIGTERM/SIGINT",
     )
+    serve.add_argument(
+        "--migrate",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get("TURNID_MIGRATE", "1").lower() not in ("0", "false", "no", "off"),
+        help="PostgreSQL: apply pending schema migrations at start; with --no-migrate, refuse "
+        "to start unless `turnid migrate` has run (env TURNID_MIGRATE=0 for --no-migrate)",
+    )
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    migrate = commands.add_parser(
+        "migrate",
+        help="create or update the database schema",
+        description="Apply pending schema migrations to the database and exit. Safe to run "
+        "while replicas serve and from several places at once (PostgreSQL: advisory lock).",
+    )
+    migrate.add_argument(
+        "--database",
+        default=None,
+        metavar="URL",
+        help="sqlite:///path/to/file.db or postgresql://... (env TURNID_DATABASE; "
+        f"default {default_database_url()})",
+    )
     return parser
 
 
 def _serve(args: argparse.Namespace) -> int:
     from turnid.service.server import serve
+    from turnid.service.stores import open_store
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -61,17 +83,48 @@ def _serve(args: argparse.Namespace) -> int:
     }
     config = ServerConfig(grace_seconds=args.grace, **overrides)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, open_store(config.database, migrate=args.migrate)))
     except (OSError, ValueError, RuntimeError) as error:
         print(f"turnid serve: {error}", file=sys.stderr)
         return 1
     return 0
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    url = args.database or default_database_url()
+    try:
+        if url.startswith(("postgresql://", "postgres://")):
+            from turnid.service.stores import open_store
+
+            open_store(url)  # a clear error when the postgres extra is missing
+            from turnid.service.stores.postgres import migrate
+
+            result = asyncio.run(migrate(url))
+            done = ", ".join(result.applied) or "nothing to apply"
+            print(f"turnid migrate: schema at version {result.version} ({done})")
+        else:
+            asyncio.run(_open_and_close(url))  # SQLite migrates its file when it opens
+            print("turnid migrate: schema up to date")
+    except (OSError, ValueError, RuntimeError) as error:
+        print(f"turnid migrate: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _open_and_close(url: str) -> None:
+    from turnid.service.stores import open_store
+
+    store = open_store(url)
+    await store.open()
+    await store.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "migrate":
+        return _migrate(args)
     raise AssertionError(args.command)
 
 

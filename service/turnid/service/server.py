@@ -85,9 +85,9 @@ class TurnIdServer:
         await self._stopped.wait()
 
 
-async def serve(config: ServerConfig) -> None:
+async def serve(config: ServerConfig, store: Store | None = None) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully."""
-    server = TurnIdServer(config)
+    server = TurnIdServer(config, store)
     await server.start()
     log.info("turnid serving on %s (database %s)", server.target, config.database)
     loop = asyncio.get_running_loop()
