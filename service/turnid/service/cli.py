@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from turnid.client.cli import add_client_commands, run_client_command
 from turnid.service.config import DEFAULT_LISTEN, ServerConfig, default_database_url
 
 
@@ -66,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
         help="sqlite:///path/to/file.db or postgresql://... (env TURNID_DATABASE; "
         f"default {default_database_url()})",
     )
+    add_client_commands(commands)  # allocate, claim, get, list, parse
     return parser
 
 
@@ -125,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "migrate":
         return _migrate(args)
+    if getattr(args, "client_command", None) is not None:
+        return run_client_command(args)
     raise AssertionError(args.command)
 
 
