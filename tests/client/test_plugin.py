@@ -1,0 +1,93 @@
+"""The pytest plugin, as a project that installs turnid sees it: pytester runs a fresh pytest
+in a subprocess with no conftest and no configuration; the `pytest11` entry point brings the
+fixtures."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+USER_TESTS = """
+import pytest
+
+from turnid.client import AsyncTurnIdClient, TurnIdClient, TurnKind
+from turnid.testing import TurnIdTestServer
+
+
+def test_sync_client(turnid_client: TurnIdClient, turnid_server: TurnIdTestServer) -> None:
+    assert turnid_server.database == "memory:"
+    assert turnid_server.target.startswith("127.0.0.1:")
+    assert turnid_client.auto_compaction("t").turn_id == "auto-compact-0"
+    assert turnid_client.auto_compaction("t").turn_id == "auto-compact-1"
+
+
+def test_each_test_gets_a_fresh_server(turnid_client: TurnIdClient) -> None:
+    assert turnid_client.auto_compaction("t").turn_id == "auto-compact-0"
+
+
+@pytest.mark.turnid(store="sqlite")
+def test_sqlite_by_marker(turnid_server: TurnIdTestServer, turnid_client: TurnIdClient) -> None:
+    assert turnid_server.database.startswith("sqlite://")
+    assert turnid_server.database.endswith("turnid.db")
+    turn = turnid_client.user_input("t")
+    turnid_server.restart()
+    assert list(turnid_client.list_turns("t")) == [turn]
+
+
+@pytest.mark.parametrize("turnid_server", ["memory", "sqlite"], indirect=True)
+def test_both_stores_by_parameter(turnid_server: TurnIdTestServer) -> None:
+    with TurnIdClient(turnid_server.target) as client:
+        assert client.user_input("t").sequence == 1
+
+
+@pytest.mark.asyncio
+async def test_async_client(turnid_async_client: AsyncTurnIdClient) -> None:
+    turns = await turnid_async_client.allocate_batch("t", TurnKind.AUTO_COMPACTION, 2)
+    listed = [turn async for turn in turnid_async_client.list_turns("t")]
+    assert listed == turns
+"""
+
+SYNC_ONLY_TESTS = """
+from turnid.client import TurnIdClient
+
+
+def test_sync_client(turnid_client: TurnIdClient) -> None:
+    assert turnid_client.realtime_delegation("t").sequence == 1
+"""
+
+
+def test_fixtures_need_no_configuration(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_user=USER_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=6)
+
+
+def test_sync_fixtures_need_no_asyncio_plugin(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_user=SYNC_ONLY_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:asyncio", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+
+
+def test_fixtures_are_documented(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_subprocess("--fixtures", "-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(
+        ["*turnid_server*", "*turnid_client*", "*turnid_async_client*"], consecutive=False
+    )
+    markers = pytester.runpytest_subprocess("--markers", "-p", "no:cacheprovider")
+    markers.stdout.fnmatch_lines(["@pytest.mark.turnid(store='memory')*"])
+
+
+def test_unknown_store_is_a_clear_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_user="""
+import pytest
+
+@pytest.mark.turnid(store="cassandra")
+def test_it(turnid_server):
+    pass
+"""
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(["*unknown store 'cassandra'*"])
