@@ -1,24 +1,26 @@
 """The PostgreSQL store: any number of stateless `turnid serve` replicas on one database.
 
-Allocation is one transaction per request (READ COMMITTED is enough):
+An allocation is at most two statements on an autocommit connection:
 
 1. with a request_id, look it up; a known one returns the original turns (or REQUEST_ID_REUSED);
-2. `INSERT INTO threads ... ON CONFLICT DO UPDATE ... RETURNING` bumps the thread's counters and
-   returns where this allocation starts. The update row-locks the thread's counter row until
-   commit, so allocations within one thread are serialized across every replica, while other
-   threads proceed in parallel;
-3. insert the request row (if any) and the turns with consecutive sequences; commit.
+2. one statement (so one transaction, READ COMMITTED is enough) whose data-modifying CTEs run
+   `INSERT INTO threads ... ON CONFLICT DO UPDATE ... RETURNING` to create or bump the thread's
+   counters, insert the request row (if any), and insert the turns at consecutive sequences.
+   The counter update row-locks the thread until the statement commits, so allocations within a
+   thread are serialized across every replica while other threads proceed in parallel; the lock
+   is held for one statement and its commit, never across a network round trip to us.
 
-A request with the same request_id that committed while we waited for the lock makes step 3 hit
-the requests primary key: the transaction is retried and step 1 then finds it. A claimed id the
-thread already has hits the (thread_id, turn_id) unique key: TURN_ID_TAKEN, nothing written.
+A request with the same request_id that committed after step 1 (it held the lock we waited
+for) makes step 2 hit the requests primary key: retried, and step 1 then finds it. A claimed id
+the thread already has hits the (thread_id, turn_id) unique key: TURN_ID_TAKEN, nothing written.
 Serialization failures and deadlocks (engines running SERIALIZABLE) are retried in here.
 
-Faults: connection errors, pool timeouts and other database errors become STORE_UNAVAILABLE
-(gRPC UNAVAILABLE, retryable with the same request_id), never INTERNAL. The pool checks each
-connection before handing it out and replaces broken ones in the background, so the store
-recovers by itself after a database restart. When the database cannot be reached at `open()`,
-it raises `PostgresUnreachableError` (a RuntimeError) with a one-line message.
+Faults: connection errors, pool timeouts and any other database error become STORE_UNAVAILABLE
+(gRPC UNAVAILABLE, retryable with the same request_id), never INTERNAL. The pool replaces
+broken connections in the background, so the store recovers by itself after a database restart;
+a pooled connection found dead is replaced transparently when repeating the work is safe (reads,
+allocations with a request_id). When the database cannot be reached at `open()`, it raises
+`PostgresUnreachableError` (a RuntimeError) with a one-line message.
 
 Migrations are the SQL files in `postgres_migrations/` (`NNNN_name.sql`), applied in order in one
 transaction under a transaction-level advisory lock and recorded in `turnid_schema_migrations`.
@@ -29,10 +31,10 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -46,9 +48,10 @@ from turnid.service.domain.errors import (
     store_unavailable,
     turn_id_taken,
 )
-from turnid.service.domain.model import Allocation, Turn, TurnKind
+from turnid.service.domain.model import COMPACTION_PREFIX, Allocation, Turn, TurnKind
 
 log = logging.getLogger("turnid.postgres")
+_T = TypeVar("_T")
 
 Connection = psycopg.AsyncConnection[TupleRow]
 
@@ -59,20 +62,37 @@ _MIGRATION_FILE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 _DEFAULT_CONNECT_TIMEOUT_S = 5
 
 _TURN_COLUMNS = "thread_id, turn_id, kind, sequence, create_time_us, request_id, claimed"
-_INSERT_TURN = (
-    "INSERT INTO turns (thread_id, turn_id, kind, sequence, create_time_us, request_id, claimed) "
-    "VALUES (%s, %s, %s, %s, %s, %s, %s)"
+# One statement, so one transaction and one round trip: create or bump the thread's counter row
+# (INSERT ... ON CONFLICT DO UPDATE row-locks it until the statement commits, serializing
+# allocations within the thread), then insert the request row (if any) and the turns at the
+# sequences the bump returned. `turn_ids` holds the minted or claimed ids, or NULLs for
+# compaction turns, which take `auto-compact-<n>` from the counter.
+_ALLOCATE = """
+WITH bump AS (
+    INSERT INTO threads AS t (thread_id, next_sequence, next_compaction)
+    VALUES (%(thread_id)s, 1 + %(count)s, %(compactions)s)
+    ON CONFLICT (thread_id) DO UPDATE SET
+        next_sequence = t.next_sequence + %(count)s,
+        next_compaction = t.next_compaction + %(compactions)s
+    RETURNING t.next_sequence - %(count)s AS first_sequence,
+              t.next_compaction - %(compactions)s AS first_compaction
+), request AS (
+    INSERT INTO requests (thread_id, request_id, kind, count, claimed_turn_id, first_sequence)
+    SELECT %(thread_id)s, %(request_id)s, %(kind)s, %(count)s, %(claimed_turn_id)s,
+           bump.first_sequence
+    FROM bump
+    WHERE %(request_id)s <> ''
+), new_turns AS (
+    INSERT INTO turns (thread_id, turn_id, kind, sequence, create_time_us, request_id, claimed)
+    SELECT %(thread_id)s,
+           COALESCE(ids.turn_id, %(compaction_prefix)s || (bump.first_compaction + ids.n - 1)),
+           %(kind)s, bump.first_sequence + ids.n - 1, %(create_time_us)s, %(request_id)s,
+           %(claimed)s
+    FROM bump, unnest(%(turn_ids)s::text[]) WITH ORDINALITY AS ids(turn_id, n)
+    RETURNING turn_id, sequence
 )
-# Creates the counter row (first allocation of a thread) or bumps it; either way the row stays
-# locked until commit. Returns the first sequence and first compaction index of this allocation.
-_BUMP = (
-    "INSERT INTO threads AS t (thread_id, next_sequence, next_compaction) "
-    "VALUES (%(thread_id)s, 1 + %(count)s, %(compactions)s) "
-    "ON CONFLICT (thread_id) DO UPDATE SET "
-    "next_sequence = t.next_sequence + %(count)s, "
-    "next_compaction = t.next_compaction + %(compactions)s "
-    "RETURNING t.next_sequence - %(count)s, t.next_compaction - %(compactions)s"
-)
+SELECT turn_id, sequence FROM new_turns ORDER BY sequence
+"""
 _TURN_ID_KEY = "turns_thread_id_turn_id_key"
 
 
@@ -239,7 +259,6 @@ class PostgresStore:
             min_size=self._min_size,
             max_size=self._max_size,
             timeout=self._acquire_timeout_s,
-            check=AsyncConnectionPool.check_connection,
             name="turnid",
             open=False,
         )
@@ -267,103 +286,101 @@ class PostgresStore:
     # --- writes ------------------------------------------------------------------------------
 
     async def allocate(self, allocation: Allocation) -> list[Turn]:
+        # With a request_id a repeat is harmless (it returns what the first attempt committed),
+        # so a pooled connection found dead can be replaced transparently.
+        return await self._run(
+            lambda conn: self._allocate_once(conn, allocation),
+            idempotent=bool(allocation.request_id),
+        )
+
+    async def _run(self, work: Callable[[Connection], Awaitable[_T]], *, idempotent: bool) -> _T:
+        """`work` on a pooled connection. Rolled-back conflicts are retried; a connection that
+        turns out dead is replaced once when repeating `work` is safe; everything else that
+        goes wrong in the database is STORE_UNAVAILABLE."""
         pool = self._require_pool()
-        for attempt in range(1, self._max_attempts + 1):
+        attempt = 0
+        replaced = False
+        while True:
+            attempt += 1
+            used: Connection | None = None
             try:
                 async with pool.connection() as conn:
-                    return await self._allocate_once(conn, allocation)
+                    used = conn
+                    return await work(conn)
             except (_Retry, pg_errors.SerializationFailure, pg_errors.DeadlockDetected) as error:
-                if attempt == self._max_attempts:
+                if attempt >= self._max_attempts:
                     raise store_unavailable(
                         f"postgresql: gave up after {attempt} attempts: {_one_line(error)}"
                     ) from error
-                log.debug("retrying allocation (attempt %d): %s", attempt, error)
+                log.debug("retrying (attempt %d): %s", attempt, error)
             except psycopg.Error as error:
+                # A pooled connection that died while idle (say the database restarted): the
+                # pool discards it; a repeat gets a fresh one or waits for the pool to reconnect.
+                if idempotent and not replaced and used is not None and used.broken:
+                    replaced = True
+                    log.info("PostgreSQL connection lost (%s); retrying", _one_line(error))
+                    continue
                 raise _unavailable(error) from error
-        raise AssertionError("unreachable")
 
     async def _allocate_once(self, conn: Connection, allocation: Allocation) -> list[Turn]:
         thread_id = allocation.thread_id
         request_id = allocation.request_id
         claimed = allocation.claimed_turn_id
-        async with conn.transaction():
-            if request_id:
-                seen = await (
-                    await conn.execute(
-                        "SELECT kind, count, claimed_turn_id, first_sequence FROM requests "
-                        "WHERE thread_id = %s AND request_id = %s",
-                        (thread_id, request_id),
-                    )
-                ).fetchone()
-                if seen is not None:
-                    kind, count, claimed_turn_id, first = seen
-                    if not allocation.same_request(kind, count, claimed_turn_id):
-                        raise request_id_reused(thread_id, request_id)
-                    return await self._read_range(conn, thread_id, first - 1, count)
-
-            bumped = await (
+        if request_id:
+            seen = await (
                 await conn.execute(
-                    _BUMP,
-                    {
-                        "thread_id": thread_id,
-                        "count": allocation.count,
-                        "compactions": allocation.compactions,
-                    },
+                    "SELECT kind, count, claimed_turn_id, first_sequence FROM requests "
+                    "WHERE thread_id = %s AND request_id = %s",
+                    (thread_id, request_id),
                 )
             ).fetchone()
-            assert bumped is not None
-            first, first_compaction = bumped
-            now_us = time.time_ns() // 1000
-            turns = [
-                Turn(
-                    thread_id,
-                    turn_id,
-                    allocation.kind,
-                    first + i,
-                    now_us,
-                    request_id,
-                    claimed is not None,
-                )
-                for i, turn_id in enumerate(allocation.turn_ids(first_compaction))
-            ]
-            try:
-                if request_id:
-                    await conn.execute(
-                        "INSERT INTO requests (thread_id, request_id, kind, count, "
-                        "claimed_turn_id, first_sequence) VALUES (%s, %s, %s, %s, %s, %s)",
-                        (
-                            thread_id,
-                            request_id,
-                            int(allocation.kind),
-                            allocation.count,
-                            claimed,
-                            first,
-                        ),
-                    )
-                async with conn.cursor() as cursor:
-                    await cursor.executemany(
-                        _INSERT_TURN,
-                        [
-                            (
-                                t.thread_id,
-                                t.turn_id,
-                                int(t.kind),
-                                t.sequence,
-                                t.create_time_us,
-                                t.request_id,
-                                t.claimed,
-                            )
-                            for t in turns
-                        ],
-                    )
-            except pg_errors.UniqueViolation as error:
-                if claimed is not None and error.diag.constraint_name == _TURN_ID_KEY:
-                    # Under the thread's lock, with the request_id new: the id is really taken.
-                    raise turn_id_taken(thread_id, claimed) from error
-                # requests_pkey: the same request_id committed while we waited for the lock;
-                # the next attempt returns it. (Anything else cannot happen under the lock.)
-                raise _Retry(_one_line(error)) from error
-        return turns
+            if seen is not None:
+                kind, count, claimed_turn_id, first = seen
+                if not allocation.same_request(kind, count, claimed_turn_id):
+                    raise request_id_reused(thread_id, request_id)
+                return await self._read_range(conn, thread_id, first - 1, count)
+
+        counted = claimed is None and allocation.kind is TurnKind.AUTO_COMPACTION
+        now_us = time.time_ns() // 1000
+        try:
+            cursor = await conn.execute(
+                _ALLOCATE,
+                {
+                    "thread_id": thread_id,
+                    "count": allocation.count,
+                    "compactions": allocation.compactions,
+                    "request_id": request_id,
+                    "kind": int(allocation.kind),
+                    "claimed_turn_id": claimed,
+                    "claimed": claimed is not None,
+                    "compaction_prefix": COMPACTION_PREFIX,
+                    "create_time_us": now_us,
+                    # Minted ids do not depend on the counter: mint before the statement.
+                    "turn_ids": [None] * allocation.count if counted else allocation.turn_ids(0),
+                },
+            )
+            rows = await cursor.fetchall()
+        except pg_errors.UniqueViolation as error:
+            if claimed is not None and error.diag.constraint_name == _TURN_ID_KEY:
+                # The request_id (if any) is new, and the thread has the claimed id already.
+                raise turn_id_taken(thread_id, claimed) from error
+            # requests_pkey: the same request_id committed after our lookup (we waited for the
+            # thread's lock); the next attempt returns it. Nothing else can collide.
+            raise _Retry(_one_line(error)) from error
+        if len(rows) != allocation.count:
+            raise RuntimeError(f"allocated {len(rows)} turns, wanted {allocation.count}")
+        return [
+            Turn(
+                thread_id,
+                turn_id,
+                allocation.kind,
+                sequence,
+                now_us,
+                request_id,
+                claimed is not None,
+            )
+            for turn_id, sequence in rows
+        ]
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -379,23 +396,18 @@ class PostgresStore:
         return [_turn(row) for row in await cursor.fetchall()]
 
     async def get(self, thread_id: str, turn_id: str) -> Turn | None:
-        pool = self._require_pool()
-        try:
-            async with pool.connection() as conn:
-                row = await (
-                    await conn.execute(
-                        f"SELECT {_TURN_COLUMNS} FROM turns WHERE thread_id = %s AND turn_id = %s",
-                        (thread_id, turn_id),
-                    )
-                ).fetchone()
-        except psycopg.Error as error:
-            raise _unavailable(error) from error
-        return _turn(row) if row else None
+        async def query(conn: Connection) -> Turn | None:
+            cursor = await conn.execute(
+                f"SELECT {_TURN_COLUMNS} FROM turns WHERE thread_id = %s AND turn_id = %s",
+                (thread_id, turn_id),
+            )
+            row = await cursor.fetchone()
+            return _turn(row) if row else None
+
+        return await self._run(query, idempotent=True)
 
     async def list(self, thread_id: str, after_sequence: int, limit: int) -> list[Turn]:
-        pool = self._require_pool()
-        try:
-            async with pool.connection() as conn:
-                return await self._read_range(conn, thread_id, after_sequence, limit)
-        except psycopg.Error as error:
-            raise _unavailable(error) from error
+        return await self._run(
+            lambda conn: self._read_range(conn, thread_id, after_sequence, limit),
+            idempotent=True,
+        )
