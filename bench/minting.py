@@ -9,6 +9,7 @@ inside a millisecond). Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ def _measure(mint: Callable[[], object], ids: int) -> dict[str, object]:
         "ids_per_s": ids / elapsed,
         "ns_per_id": elapsed / ids * 1e9,
         "ahead_of_clock_ms": max(0, last_ms - clock_ms),
-        "strictly_increasing": all(a < b for a, b in zip(hexes, hexes[1:], strict=False)),
+        "strictly_increasing": all(a < b for a, b in itertools.pairwise(hexes)),
         "version_7": all(h[12] == "7" and h[16] in "89ab" for h in hexes),
     }
 

@@ -252,9 +252,7 @@ def _median_of(trials: list[dict[str, Any]]) -> dict[str, float]:
 # --- one row ----------------------------------------------------------------------------------
 
 
-def run_scenario(
-    scenario: Scenario, args: argparse.Namespace, workdir: Path, tag: str
-) -> Result:
+def run_scenario(scenario: Scenario, args: argparse.Namespace, workdir: Path, tag: str) -> Result:
     result = Result(scenario)
     server = Server(scenario, workdir)
     try:
@@ -295,12 +293,12 @@ def run_scenario(
         load.close()
     finally:
         log = server.stop()
-    stats = re.search(r"(\d+) allocations in (\d+) commits", log)
+    stats = re.findall(r"(\d+) allocations in (\d+) commits", log)  # one line per worker
     if stats:
         # Every commit at concurrency 1 holds exactly one allocation, so what remains is the
         # concurrency-32 phase: allocations per commit there is the group-commit size.
-        allocations = int(stats.group(1)) - c1_calls
-        commits = int(stats.group(2)) - c1_calls
+        allocations = sum(int(a) for a, _ in stats) - c1_calls
+        commits = sum(int(c) for _, c in stats) - c1_calls
         per_commit = allocations / max(1, commits)
         result.extra["group_commit"] = {
             "allocations": allocations,
@@ -345,7 +343,7 @@ def _notes(result: Result, ids_per_call: int) -> str:
 
 def table(results: list[Result], minting: dict[str, Any]) -> str:
     lines = [
-        "| row | calls/s c32 | × baseline | p50 / p99 c1 (ms) | p50 / p99 c32 (ms) "
+        "| row | calls/s c32 | x baseline | p50 / p99 c1 (ms) | p50 / p99 c32 (ms) "
         "| server CPU µs/call | notes |",
         "|---|--:|--:|--:|--:|--:|---|",
     ]
@@ -353,7 +351,7 @@ def table(results: list[Result], minting: dict[str, Any]) -> str:
     for result in results:
         scenario = result.scenario
         if scenario.skip:
-            lines.append(f"| {scenario.name} | – | – | – | – | – | skipped: {scenario.skip} |")
+            lines.append(f"| {scenario.name} | - | - | - | - | - | skipped: {scenario.skip} |")
             continue
         base = baselines.get(scenario.rpc)
         ratio = (
@@ -361,7 +359,7 @@ def table(results: list[Result], minting: dict[str, Any]) -> str:
             if base is result
             else f"{result.c32['calls_per_s'] / base.c32['calls_per_s']:.2f}"
             if base
-            else "–"
+            else "-"
         )
         ids_per_call = 1000 if scenario.rpc == "batch" else 1
         lines.append(
@@ -397,13 +395,13 @@ def targets(results: list[Result]) -> list[dict[str, Any]]:
         "realtime SQLite >= 0.9 x baseline",
         c32("AllocateTurnId realtime, SQLite") / base,
         0.9,
-        f"{c32('AllocateTurnId realtime, SQLite') / base:.2f} ×",
+        f"{c32('AllocateTurnId realtime, SQLite') / base:.2f}x",
     )
     check(
         "compaction SQLite FULL >= 0.8 x baseline",
         c32("AllocateTurnId compaction, SQLite") / base,
         0.8,
-        f"{c32('AllocateTurnId compaction, SQLite') / base:.2f} ×",
+        f"{c32('AllocateTurnId compaction, SQLite') / base:.2f}x",
     )
     batch = c32("BatchAllocateTurnIds 1000, SQLite") * 1000
     check("batch SQLite >= 100,000 ids/s", batch, 100_000, f"{batch:,.0f} ids/s")
@@ -430,8 +428,11 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
         Scenario("AllocateTurnId compaction, memory:", "memory:", kind=COMPACTION),
         Scenario("AllocateTurnId realtime, SQLite", "sqlite", rss=not args.no_rss),
         Scenario("AllocateTurnId compaction, SQLite", "sqlite", kind=COMPACTION),
-        Scenario(f"AllocateTurnId realtime, SQLite, --workers {args.workers}", "sqlite",
-                 workers=args.workers),
+        Scenario(
+            f"AllocateTurnId realtime, SQLite, --workers {args.workers}",
+            "sqlite",
+            workers=args.workers,
+        ),
     ]
     dsn = os.environ.get("TURNID_BENCH_POSTGRES_DSN") or os.environ.get("TURNID_TEST_POSTGRES_DSN")
     skip = ""
@@ -503,8 +504,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "seconds": time.monotonic() - started,
         "rows": [
-            {"name": r.scenario.name, "scenario": vars(r.scenario), "c1": r.c1, "c32": r.c32,
-             **r.extra}
+            {
+                "name": r.scenario.name,
+                "scenario": vars(r.scenario),
+                "c1": r.c1,
+                "c32": r.c32,
+                **r.extra,
+            }
             for r in results
         ],
         "minting": minting,

@@ -53,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
         help="PostgreSQL: apply pending schema migrations at start; with --no-migrate, refuse "
         "to start unless `turnid migrate` has run (env TURNID_MIGRATE=0 for --no-migrate)",
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="service processes sharing the port (SO_REUSEPORT); needs sqlite: or postgresql:",
+    )
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     migrate = commands.add_parser(
         "migrate",
@@ -84,6 +91,16 @@ def _serve(args: argparse.Namespace) -> int:
         if value is not None
     }
     config = ServerConfig(grace_seconds=args.grace, **overrides)
+    if args.workers != 1:
+        from turnid.service.workers import serve_workers
+
+        try:
+            return serve_workers(
+                config, args.workers, migrate=args.migrate, log_level=args.log_level
+            )
+        except (OSError, ValueError) as error:
+            print(f"turnid serve: {error}", file=sys.stderr)
+            return 1
     try:
         asyncio.run(serve(config, open_store(config.database, migrate=args.migrate)))
     except (OSError, ValueError, RuntimeError) as error:

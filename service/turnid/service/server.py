@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -85,11 +86,21 @@ class TurnIdServer:
         await self._stopped.wait()
 
 
-async def serve(config: ServerConfig, store: Store | None = None) -> None:
-    """Run until SIGTERM or SIGINT, then stop gracefully."""
+async def serve(
+    config: ServerConfig,
+    store: Store | None = None,
+    *,
+    on_serving: Callable[[TurnIdServer], object] | None = None,
+) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully.
+
+    `on_serving` is called once the server takes calls (`turnid serve --workers` reports it).
+    """
     server = TurnIdServer(config, store)
     await server.start()
     log.info("turnid serving on %s (database %s)", server.target, config.database)
+    if on_serving is not None:
+        on_serving(server)
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
