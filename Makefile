@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto')
 STUBS_DIR := client
 
-.PHONY: install run test lint proto proto-check clean node-install stubs-ts example-node breaking
+.PHONY: install run test lint proto proto-check bench clean node-install stubs-ts example-node breaking
 
 install: $(STAMP)
 
@@ -44,6 +44,12 @@ proto-check: install
 	diff -r .proto-check/turnid/v1 $(STUBS_DIR)/turnid/v1 -x __pycache__ -x __init__.py \
 		|| (echo "stubs are stale: run 'make proto' and commit" >&2; rm -rf .proto-check; exit 1)
 	rm -rf .proto-check
+
+# Prints one markdown table against a no-op grpc.aio baseline; raw figures go to bench/results/.
+# Under 5 minutes on 2 cores. BENCH_ARGS="--help" lists the knobs; PostgreSQL rows run when
+# TURNID_BENCH_POSTGRES_DSN (or TURNID_TEST_POSTGRES_DSN) is set.
+bench: install
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .proto-check .pytest_cache .mypy_cache .ruff_cache
