@@ -268,6 +268,10 @@ async def test_postgres_restart_mid_load(replicas: list[ServeProcess]) -> None:
         f"{dict(load.failures)}"
     )
     assert set(load.failures) <= {("UNAVAILABLE", "STORE_UNAVAILABLE")}
+    for server in replicas:  # every fault was an expected one
+        assert not [line for line in server.log if "Traceback" in line or "unexpected" in line]
+    if os.environ.get("TURNID_TEST_PG_SHOW_LOGS"):
+        print("".join(line for server in replicas for line in server.log))
     assert done_before_restart < load.total, "the load ended before the restart"
     await assert_invariants(load, targets[1])
     # Every replica serves again, on the recovered pool.
