@@ -91,3 +91,28 @@ def test_it(turnid_server):
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     assert result.ret != 0
     result.stdout.fnmatch_lines(["*unknown store 'cassandra'*"])
+
+
+def test_async_client_fixture_without_pytest_asyncio(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no pytest-asyncio importable, the fixture is a client that connects on first use."""
+    hidden = pytester.mkdir("hide_pytest_asyncio")
+    (hidden / "pytest_asyncio.py").write_text("raise ImportError('hidden for this test')\n")
+    pytester.makepyfile(
+        test_user="""
+import asyncio
+
+from turnid.client import AsyncTurnIdClient
+
+
+def test_async_client_on_my_own_loop(turnid_async_client: AsyncTurnIdClient) -> None:
+    async def use() -> str:
+        return (await turnid_async_client.auto_compaction("t")).turn_id
+
+    assert asyncio.run(use()) == "auto-compact-0"
+"""
+    )
+    monkeypatch.setenv("PYTHONPATH", str(hidden))
+    result = pytester.runpytest_subprocess("-p", "no:asyncio", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
