@@ -130,7 +130,11 @@ class TurnIdTestServer:
                     loop.close()
 
     def __enter__(self) -> TurnIdTestServer:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def __exit__(
@@ -198,7 +202,7 @@ def turnid_client(turnid_server: TurnIdTestServer) -> Iterator[TurnIdClient]:
 
 try:
     import pytest_asyncio
-except ImportError:  # pragma: no cover - exercised by projects without pytest-asyncio
+except ImportError:  # pragma: no cover - tests/client/test_plugin.py runs this in a subprocess
     _HAVE_PYTEST_ASYNCIO = False
 else:
     _HAVE_PYTEST_ASYNCIO = True
