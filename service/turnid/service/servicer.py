@@ -5,8 +5,6 @@ Nothing here decides anything: validation and rules live in the domain.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import NoReturn
 
 import grpc
@@ -29,18 +27,16 @@ _CODES = {
 
 
 def turn_to_proto(turn: Turn) -> turnid_pb2.Turn:
-    proto = turnid_pb2.Turn(
+    seconds, micros = divmod(turn.create_time_us, 1_000_000)
+    return turnid_pb2.Turn(
         thread_id=turn.thread_id,
         turn_id=turn.turn_id,
-        kind=int(turn.kind),  # type: ignore[arg-type]
+        kind=turn.kind,  # type: ignore[arg-type]
         sequence=turn.sequence,
+        create_time={"seconds": seconds, "nanos": micros * 1000},
         request_id=turn.request_id,
         claimed=turn.claimed,
     )
-    seconds, micros = divmod(turn.create_time_us, 1_000_000)
-    proto.create_time.seconds = seconds
-    proto.create_time.nanos = micros * 1000
-    return proto
 
 
 def error_to_status(error: TurnIdError) -> status_pb2.Status:
@@ -76,46 +72,48 @@ async def _abort(context: grpc.aio.ServicerContext, error: TurnIdError) -> NoRet
     raise AssertionError("abort_with_status returned")  # pragma: no cover
 
 
-@asynccontextmanager
-async def _errors_as_status(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:  # type: ignore[type-arg]
-    try:
-        yield
-    except TurnIdError as error:
-        await _abort(context, error)
-
-
 class TurnIdServicer(turnid_pb2_grpc.TurnIdServiceServicer):  # type: ignore[misc]
     def __init__(self, turns: TurnService) -> None:
         self._turns = turns
 
     async def AllocateTurnId(self, request, context):  # type: ignore[no-untyped-def]
-        async with _errors_as_status(context):
+        try:
             turn = await self._turns.allocate(request.thread_id, request.kind, request.request_id)
             return turnid_pb2.AllocateTurnIdResponse(turn=turn_to_proto(turn))
+        except TurnIdError as error:
+            await _abort(context, error)
 
     async def BatchAllocateTurnIds(self, request, context):  # type: ignore[no-untyped-def]
-        async with _errors_as_status(context):
+        try:
             turns = await self._turns.allocate_batch(
                 request.thread_id, request.kind, request.count, request.request_id
             )
             return turnid_pb2.BatchAllocateTurnIdsResponse(turns=[turn_to_proto(t) for t in turns])
+        except TurnIdError as error:
+            await _abort(context, error)
 
     async def ClaimTurnId(self, request, context):  # type: ignore[no-untyped-def]
-        async with _errors_as_status(context):
+        try:
             turn = await self._turns.claim(
                 request.thread_id, request.turn_id, request.kind, request.request_id
             )
             return turnid_pb2.ClaimTurnIdResponse(turn=turn_to_proto(turn))
+        except TurnIdError as error:
+            await _abort(context, error)
 
     async def GetTurn(self, request, context):  # type: ignore[no-untyped-def]
-        async with _errors_as_status(context):
+        try:
             turn = await self._turns.get(request.thread_id, request.turn_id)
             return turnid_pb2.GetTurnResponse(turn=turn_to_proto(turn))
+        except TurnIdError as error:
+            await _abort(context, error)
 
     async def ListTurns(self, request, context):  # type: ignore[no-untyped-def]
-        async with _errors_as_status(context):
+        try:
             page = await self._turns.list(request.thread_id, request.page_size, request.page_token)
             return turnid_pb2.ListTurnsResponse(
                 turns=[turn_to_proto(t) for t in page.turns],
                 next_page_token=page.next_page_token,
             )
+        except TurnIdError as error:
+            await _abort(context, error)
