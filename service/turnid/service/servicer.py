@@ -5,7 +5,8 @@ Nothing here decides anything: validation and rules live in the domain.
 
 from __future__ import annotations
 
-from typing import NoReturn
+from collections.abc import Callable, Iterable
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2
@@ -26,17 +27,24 @@ _CODES = {
 }
 
 
-def turn_to_proto(turn: Turn) -> turnid_pb2.Turn:
+def turn_to_proto(turn: Turn, new: Callable[..., Any] = turnid_pb2.Turn) -> turnid_pb2.Turn:
+    """The proto of a turn; `new` may be a repeated field's `add`, which builds it in place."""
     seconds, micros = divmod(turn.create_time_us, 1_000_000)
-    return turnid_pb2.Turn(
+    return new(  # type: ignore[no-any-return]
         thread_id=turn.thread_id,
         turn_id=turn.turn_id,
-        kind=turn.kind,  # type: ignore[arg-type]
+        kind=turn.kind,
         sequence=turn.sequence,
         create_time={"seconds": seconds, "nanos": micros * 1000},
         request_id=turn.request_id,
         claimed=turn.claimed,
     )
+
+
+def add_turns(field: Any, turns: Iterable[Turn]) -> None:
+    """Append turns to a repeated Turn field (in place: no copy per turn)."""
+    for turn in turns:
+        turn_to_proto(turn, field.add)
 
 
 def error_to_status(error: TurnIdError) -> status_pb2.Status:
@@ -88,7 +96,9 @@ class TurnIdServicer(turnid_pb2_grpc.TurnIdServiceServicer):  # type: ignore[mis
             turns = await self._turns.allocate_batch(
                 request.thread_id, request.kind, request.count, request.request_id
             )
-            return turnid_pb2.BatchAllocateTurnIdsResponse(turns=[turn_to_proto(t) for t in turns])
+            response = turnid_pb2.BatchAllocateTurnIdsResponse()
+            add_turns(response.turns, turns)
+            return response
         except TurnIdError as error:
             await _abort(context, error)
 
@@ -111,9 +121,8 @@ class TurnIdServicer(turnid_pb2_grpc.TurnIdServiceServicer):  # type: ignore[mis
     async def ListTurns(self, request, context):  # type: ignore[no-untyped-def]
         try:
             page = await self._turns.list(request.thread_id, request.page_size, request.page_token)
-            return turnid_pb2.ListTurnsResponse(
-                turns=[turn_to_proto(t) for t in page.turns],
-                next_page_token=page.next_page_token,
-            )
+            response = turnid_pb2.ListTurnsResponse(next_page_token=page.next_page_token)
+            add_turns(response.turns, page.turns)
+            return response
         except TurnIdError as error:
             await _abort(context, error)
