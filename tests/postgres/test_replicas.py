@@ -240,6 +240,10 @@ def _ensure_running(cluster: tuple[str, str]) -> None:
 
 
 async def test_postgres_restart_mid_load(replicas: list[ServeProcess]) -> None:
+    # The restart also cuts off anything else using that server at the time (another test run
+    # on a shared machine): TURNID_TEST_POSTGRES_RESTART=0 skips this test there.
+    if os.environ.get("TURNID_TEST_POSTGRES_RESTART", "1") == "0":
+        pytest.skip("TURNID_TEST_POSTGRES_RESTART=0")
     cluster = _cluster()
     if cluster is None:
         pytest.skip("no local pg_ctlcluster cluster serves TURNID_TEST_POSTGRES_DSN's port")
