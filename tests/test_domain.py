@@ -110,3 +110,11 @@ def test_allocation_turn_ids_by_kind() -> None:
     claim = Allocation("t", TurnKind.USER_INPUT, 1, claimed_turn_id="rollout-1")
     assert claim.turn_ids(7) == ["rollout-1"]
     assert claim.compactions == 0
+
+
+def test_database_urls_are_redacted_for_logs() -> None:
+    from turnid.service.config import redact_url
+
+    assert redact_url("postgresql://u:s3cret@db:5432/t") == "postgresql://u:***@db:5432/t"
+    assert redact_url("postgresql://u@db/t?password=s3cret") == "postgresql://u@db/t"
+    assert redact_url("sqlite:///var/lib/turnid.db") == "sqlite:///var/lib/turnid.db"

@@ -140,7 +140,7 @@ def test_unreachable_database_fails_start_with_one_line() -> None:
         result = _turnid(*args, "--database", url)
         assert result.returncode == 1
         assert result.stderr.count("\n") == 1, result.stderr
-        assert "cannot connect to PostgreSQL at postgresql://turnid@127.0.0.1:1/turnid" in (
+        assert "cannot connect to PostgreSQL at postgresql://turnid:***@127.0.0.1:1/turnid" in (
             result.stderr
         )
         assert "secret" not in result.stderr

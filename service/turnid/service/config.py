@@ -5,8 +5,20 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
+
+
+def redact_url(url: str) -> str:
+    """The database URL for logs and messages: password masked, query (may hold one) dropped."""
+    parts = urlsplit(url)
+    if parts.password is None and not parts.query:
+        return url
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc, query=""))
 
 
 def default_database_url() -> str:

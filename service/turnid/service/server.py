@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from turnid.service.config import ServerConfig
+from turnid.service.config import ServerConfig, redact_url
 from turnid.service.domain import TurnService
 from turnid.service.servicer import TurnIdServicer
 from turnid.service.stores import Store, open_store
@@ -98,7 +98,7 @@ async def serve(
     """
     server = TurnIdServer(config, store)
     await server.start()
-    log.info("turnid serving on %s (database %s)", server.target, config.database)
+    log.info("turnid serving on %s (database %s)", server.target, redact_url(config.database))
     if on_serving is not None:
         on_serving(server)
     loop = asyncio.get_running_loop()

@@ -23,7 +23,7 @@ import sys
 from multiprocessing.connection import Connection, wait
 from types import FrameType
 
-from turnid.service.config import ServerConfig
+from turnid.service.config import ServerConfig, redact_url
 
 log = logging.getLogger("turnid.workers")
 
@@ -169,7 +169,7 @@ def _supervise(
             "turnid serving on %s with %d workers (database %s)",
             listen,
             len(processes),
-            config.database,
+            redact_url(config.database),
         )
     while not stop_signal:
         for ready in wait([*sentinels, wakeup]):

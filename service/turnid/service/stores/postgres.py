@@ -42,6 +42,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from turnid.service.config import redact_url
 from turnid.service.domain.errors import (
     TurnIdError,
     request_id_reused,
@@ -128,18 +129,6 @@ def migrations() -> list[Migration]:
     return found
 
 
-def describe(url: str) -> str:
-    """The database a URL names, for messages: never the password."""
-    try:
-        info = conninfo_to_dict(url)
-    except psycopg.ProgrammingError:
-        return "postgresql://(unparseable URL)"
-    user = f"{info['user']}@" if info.get("user") else ""
-    host = info.get("host") or "localhost"
-    port = f":{info['port']}" if info.get("port") else ""
-    return f"postgresql://{user}{host}{port}/{info.get('dbname') or ''}"
-
-
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
@@ -166,7 +155,7 @@ async def migrate(url: str, *, apply: bool = True) -> MigrationResult:
         conn = await psycopg.AsyncConnection.connect(url, **_connect_kwargs(url))
     except psycopg.Error as error:
         raise PostgresUnreachableError(
-            f"cannot connect to PostgreSQL at {describe(url)}: {_one_line(error)}"
+            f"cannot connect to PostgreSQL at {redact_url(url)}: {_one_line(error)}"
         ) from error
     try:
         async with conn, conn.transaction():
@@ -200,7 +189,7 @@ async def migrate(url: str, *, apply: bool = True) -> MigrationResult:
                 )
     except psycopg.OperationalError as error:
         raise PostgresUnreachableError(
-            f"PostgreSQL at {describe(url)} failed during migration: {_one_line(error)}"
+            f"PostgreSQL at {redact_url(url)} failed during migration: {_one_line(error)}"
         ) from error
     return MigrationResult(len(known), [m.name for m in pending])
 
@@ -267,7 +256,7 @@ class PostgresStore:
         except PoolTimeout as error:
             await pool.close()
             raise PostgresUnreachableError(
-                f"cannot open a connection pool to PostgreSQL at {describe(self.url)}: "
+                f"cannot open a connection pool to PostgreSQL at {redact_url(self.url)}: "
                 f"{_one_line(error)}"
             ) from error
         self._pool = pool
