@@ -201,18 +201,20 @@ class SqliteStore:
         conn = self._write_conn
         assert conn is not None
         results: list[list[Turn] | BaseException] = []
+        # One cursor for the whole group: Connection.execute would make one per statement.
+        cursor = conn.cursor()
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            cursor.execute("BEGIN IMMEDIATE")
             now_us = time.time_ns() // 1000
             for allocation in group:
-                conn.execute("SAVEPOINT allocation")
+                cursor.execute("SAVEPOINT allocation")
                 try:
-                    results.append(self._apply(conn, allocation, now_us))
+                    results.append(self._apply(cursor, allocation, now_us))
                 except (TurnIdError, sqlite3.IntegrityError) as error:
-                    conn.execute("ROLLBACK TO allocation")
+                    cursor.execute("ROLLBACK TO allocation")
                     results.append(error)
-                conn.execute("RELEASE allocation")
-            conn.execute("COMMIT")
+                cursor.execute("RELEASE allocation")
+            cursor.execute("COMMIT")
             self.commits += 1
             self.allocations += len(group)
         except sqlite3.Error as error:
@@ -222,10 +224,10 @@ class SqliteStore:
             return [unavailable] * len(group)
         return results
 
-    def _apply(self, conn: sqlite3.Connection, allocation: Allocation, now_us: int) -> list[Turn]:
+    def _apply(self, cursor: sqlite3.Cursor, allocation: Allocation, now_us: int) -> list[Turn]:
         thread_id = allocation.thread_id
         if allocation.request_id:
-            seen = conn.execute(
+            seen = cursor.execute(
                 "SELECT kind, count, claimed_turn_id, first_sequence FROM requests "
                 "WHERE thread_id = ? AND request_id = ?",
                 (thread_id, allocation.request_id),
@@ -234,17 +236,17 @@ class SqliteStore:
                 kind, count, claimed_turn_id, first = seen
                 if not allocation.same_request(kind, count, claimed_turn_id):
                     raise request_id_reused(thread_id, allocation.request_id)
-                return self._read_range(conn, thread_id, first - 1, count)
+                return self._read_range(cursor, thread_id, first - 1, count)
         claimed = allocation.claimed_turn_id
         if (
             claimed is not None
-            and conn.execute(
+            and cursor.execute(
                 "SELECT 1 FROM turns WHERE thread_id = ? AND turn_id = ?", (thread_id, claimed)
             ).fetchone()
         ):
             raise turn_id_taken(thread_id, claimed)
 
-        counters = conn.execute(
+        counters = cursor.execute(
             "SELECT next_sequence, next_compaction FROM threads WHERE thread_id = ?",
             (thread_id,),
         ).fetchone()
@@ -261,7 +263,7 @@ class SqliteStore:
             )
             for i, turn_id in enumerate(allocation.turn_ids(next_compaction))
         ]
-        conn.executemany(
+        cursor.executemany(
             f"INSERT INTO turns ({_TURN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
             [
                 (
@@ -276,14 +278,14 @@ class SqliteStore:
                 for t in turns
             ],
         )
-        conn.execute(
+        cursor.execute(
             "INSERT INTO threads (thread_id, next_sequence, next_compaction) VALUES (?, ?, ?) "
             "ON CONFLICT (thread_id) DO UPDATE SET "
             "next_sequence = excluded.next_sequence, next_compaction = excluded.next_compaction",
             (thread_id, first + len(turns), next_compaction + allocation.compactions),
         )
         if allocation.request_id:
-            conn.execute(
+            cursor.execute(
                 "INSERT INTO requests (thread_id, request_id, kind, count, claimed_turn_id, "
                 "first_sequence) VALUES (?, ?, ?, ?, ?, ?)",
                 (
@@ -301,7 +303,7 @@ class SqliteStore:
 
     @staticmethod
     def _read_range(
-        conn: sqlite3.Connection, thread_id: str, after_sequence: int, limit: int
+        conn: sqlite3.Connection | sqlite3.Cursor, thread_id: str, after_sequence: int, limit: int
     ) -> list[Turn]:
         rows = conn.execute(
             f"SELECT {_TURN_COLUMNS} FROM turns WHERE thread_id = ? AND sequence > ? "
