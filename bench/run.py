@@ -9,8 +9,9 @@ grpc.aio TurnIdService with canned responses of the same shape) driven by the sa
   the server's CPU time per call (user + system, all worker processes), which is the figure least
   disturbed by whatever else runs on the machine.
 
-Each figure is the median of `--trials` short trials. Service rows show their throughput as a
-ratio to the baseline row with the same RPC, measured in the same run. Also: in-process minting
+Trials are short and interleaved: each of `--trials` rounds runs one trial of every row, and a
+row's figures are medians over the rounds. Service rows show their throughput as a ratio to the
+baseline row with the same RPC, taken within each round (then the median). Also: in-process minting
 (bench/minting.py), resident memory of a SQLite server around 200,000 allocations, and SQLite
 commits/s vs allocations/s (the group commit). Prints one markdown table, writes all raw figures
 as JSON (default bench/results/bench-<time>.json) and prints its path.
@@ -270,8 +271,13 @@ def run_all(results: list[Result], args: argparse.Namespace, workdir: Path, tag:
     servers = {id(r): Server(r.scenario, workdir) for r in live}
     c1_calls = dict.fromkeys(servers, 0)
     try:
-        for server in servers.values():
-            server.wait_serving()
+        for r in list(live):
+            try:
+                servers[id(r)].wait_serving()
+            except RuntimeError as error:  # e.g. PostgreSQL down: report the row, run the rest
+                r.scenario.skip = f"server did not start ({str(error).strip().splitlines()[-1]})"
+                live.remove(r)
+                del servers[id(r)], c1_calls[id(r)]
 
         print("… concurrency 1", file=sys.stderr, flush=True)
         loads = {id(r): Load(servers[id(r)].target, r.scenario, 1, 1, 1, f"{tag}-c1") for r in live}
