@@ -275,7 +275,7 @@ def run_all(results: list[Result], args: argparse.Namespace, workdir: Path, tag:
             try:
                 servers[id(r)].wait_serving()
             except RuntimeError as error:  # e.g. PostgreSQL down: report the row, run the rest
-                r.scenario.skip = f"server did not start ({str(error).strip().splitlines()[-1]})"
+                r.scenario.skip = " ".join(str(error).split())[:300]
                 live.remove(r)
                 del servers[id(r)], c1_calls[id(r)]
 
