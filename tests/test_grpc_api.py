@@ -401,3 +401,35 @@ async def test_shutdown_goes_not_serving_and_lets_in_flight_calls_finish(thread_
         turn = await asyncio.wait_for(in_flight, 10)
         assert turn.turn_id == "auto-compact-0"
         await asyncio.wait_for(stopping, 30)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x0a\x03a\xffb\x10\x01",  # thread_id with invalid UTF-8
+        b"\x0a\x03\xed\xa0\x80\x10\x01",  # thread_id holding an encoded surrogate
+        b"\xff\xff\xff",  # not protobuf at all
+    ],
+    ids=["invalid-utf8", "surrogate", "garbage"],
+)
+async def test_undecodable_requests_are_invalid_argument(
+    channel: grpc.aio.Channel, stub: pb_grpc.TurnIdServiceStub, raw: bytes
+) -> None:
+    allocate_raw = channel.unary_unary("/turnid.v1.TurnIdService/AllocateTurnId")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await allocate_raw(raw)
+    code, info, _ = error_details(caught.value)
+    assert (code, info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
+    assert (await allocate(stub, "after-garbage", COMPACTION)).turn_id == "auto-compact-0"
+
+
+async def test_forged_page_token_beyond_int64_is_refused(
+    stub: pb_grpc.TurnIdServiceStub, thread_id: str
+) -> None:
+    from turnid.service.domain import paging
+
+    await allocate(stub, thread_id, USER)
+    forged = paging.encode(thread_id, 2**63)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ListTurns(pb.ListTurnsRequest(thread_id=thread_id, page_token=forged))
+    assert error_details(caught.value)[1].reason == "INVALID_PAGE_TOKEN"

@@ -123,3 +123,27 @@ def test_unusable_database_url_fails_fast_with_one_line() -> None:
         ServeProcess("mysql://nowhere")
     assert "unsupported database URL" in str(caught.value)
     assert "Traceback" not in str(caught.value)
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:99999", "no-port", ":50051"])
+def test_bad_listen_address_is_one_line_and_exit_2(listen: str) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "turnid.service.cli",
+            "serve",
+            "--listen",
+            listen,
+            "--database",
+            "memory:",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "listen address" in result.stderr

@@ -28,16 +28,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--listen",
-        default=None,
+        default=os.environ.get("TURNID_LISTEN", DEFAULT_LISTEN),
         metavar="HOST:PORT",
-        help=f"address to listen on (env TURNID_LISTEN; default {DEFAULT_LISTEN}; port 0: any)",
+        help="address to listen on; port 0 picks a free one (env TURNID_LISTEN)",
     )
     serve.add_argument(
         "--database",
-        default=None,
+        default=default_database_url(),
         metavar="URL",
-        help="memory:, sqlite:///path/to/file.db or postgresql://... (env TURNID_DATABASE; "
-        f"default {default_database_url()})",
+        help="memory:, sqlite:///path/to/file.db or postgresql://... (env TURNID_DATABASE)",
     )
     serve.add_argument(
         "--grace",
@@ -85,12 +84,11 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    overrides = {
-        key: value
-        for key, value in (("listen", args.listen), ("database", args.database))
-        if value is not None
-    }
-    config = ServerConfig(grace_seconds=args.grace, **overrides)
+    try:
+        config = ServerConfig(listen=args.listen, database=args.database, grace_seconds=args.grace)
+    except ValueError as error:
+        print(f"turnid serve: {error}", file=sys.stderr)
+        return 2
     if args.workers != 1:
         from turnid.service.workers import serve_workers
 

@@ -43,3 +43,8 @@ class ServerConfig:
     # SO_REUSEPORT lets several worker processes share one port (`--workers`); off otherwise,
     # so that binding a port that is taken fails instead of silently splitting traffic.
     reuse_port: bool = False
+
+    def __post_init__(self) -> None:
+        host, _, port = self.listen.rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"listen address {self.listen!r} is not HOST:PORT with PORT 0-65535")

@@ -14,9 +14,9 @@ from grpc_reflection.v1alpha import reflection
 
 from turnid.service.config import ServerConfig, redact_url
 from turnid.service.domain import TurnService
-from turnid.service.servicer import TurnIdServicer
+from turnid.service.servicer import TurnIdServicer, add_to_server
 from turnid.service.stores import Store, open_store
-from turnid.v1 import turnid_pb2, turnid_pb2_grpc
+from turnid.v1 import turnid_pb2
 
 log = logging.getLogger("turnid.server")
 
@@ -49,9 +49,7 @@ class TurnIdServer:
         server = grpc.aio.server(
             options=[("grpc.so_reuseport", 1 if self.config.reuse_port else 0)]
         )
-        turnid_pb2_grpc.add_TurnIdServiceServicer_to_server(
-            TurnIdServicer(TurnService(self.store)), server
-        )
+        add_to_server(TurnIdServicer(TurnService(self.store)), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (

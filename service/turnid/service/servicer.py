@@ -5,11 +5,12 @@ Nothing here decides anything: validation and rules live in the domain.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -126,3 +127,49 @@ class TurnIdServicer(turnid_pb2_grpc.TurnIdServiceServicer):  # type: ignore[mis
             return response
         except TurnIdError as error:
             await _abort(context, error)
+
+
+SERVICE = turnid_pb2.DESCRIPTOR.services_by_name["TurnIdService"]
+
+
+def _parsing(
+    handler: Callable[[Any, Any], Awaitable[Any]], parse: Callable[[bytes], Any], method: str
+) -> Callable[[bytes, Any], Awaitable[Any]]:
+    async def handle(raw: bytes, context: Any) -> Any:
+        try:
+            request = parse(raw)
+        except DecodeError as error:
+            await _abort(
+                context,
+                TurnIdError(
+                    ErrorCategory.INVALID_ARGUMENT,
+                    "MALFORMED_REQUEST",
+                    f"the request is not a valid {method} message: {error}",
+                    {"method": method},
+                ),
+            )
+        return await handler(request, context)
+
+    return handle
+
+
+def add_to_server(servicer: TurnIdServicer, server: grpc.aio.Server) -> None:
+    """Register the servicer like the generated add_TurnIdServiceServicer_to_server, except that
+    requests are parsed here: a message that does not decode (bytes that are not protobuf,
+    invalid UTF-8 in a string field) is then INVALID_ARGUMENT / MALFORMED_REQUEST with an
+    ErrorInfo, where gRPC's own deserializer would answer a bare UNKNOWN."""
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            _parsing(
+                getattr(servicer, method.name),
+                getattr(turnid_pb2, method.input_type.name).FromString,
+                method.name,
+            ),
+            response_serializer=getattr(turnid_pb2, method.output_type.name).SerializeToString,
+        )
+        for method in SERVICE.methods
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)  # type: ignore[attr-defined]

@@ -31,7 +31,7 @@ def decode(thread_id: str, token: str) -> int:
     except (binascii.Error, UnicodeDecodeError, ValueError):
         after_sequence = -1
         version = tag = ""
-    if version != _VERSION or tag != _thread_tag(thread_id) or after_sequence < 1:
+    if version != _VERSION or tag != _thread_tag(thread_id) or not 1 <= after_sequence < 2**63:
         raise invalid_field(
             "INVALID_PAGE_TOKEN",
             "page_token",
