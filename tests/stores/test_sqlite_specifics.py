@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from turnid.service.domain import Allocation, TurnIdError, TurnKind
+from turnid.service.domain import Allocation, ErrorCategory, TurnIdError, TurnKind
 from turnid.service.stores import open_store, sqlite_path
 from turnid.service.stores.sqlite import MIGRATIONS, SqliteStore
 
@@ -60,3 +61,58 @@ async def test_a_locked_database_is_unavailable_not_internal(tmp_path: Path) -> 
     (turn,) = await store.allocate(Allocation("t", TurnKind.AUTO_COMPACTION, 1, "rid"))
     assert (turn.turn_id, turn.sequence) == ("auto-compact-0", 1)
     await store.close()
+
+
+async def test_a_full_queue_is_refused_overloaded_not_queued(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "t.db"), max_pending=2)
+    await store.open()
+    # gather starts all four before the writer runs, so two are queued when the third arrives.
+    outcomes = await asyncio.gather(
+        *(store.allocate(Allocation("t", TurnKind.AUTO_COMPACTION, 1)) for _ in range(4)),
+        return_exceptions=True,
+    )
+    reasons = [o.reason if isinstance(o, TurnIdError) else "OK" for o in outcomes]
+    assert reasons == ["OK", "OK", "OVERLOADED", "OVERLOADED"]
+    assert outcomes[2].category is ErrorCategory.RESOURCE_EXHAUSTED  # type: ignore[union-attr]
+    assert [t.turn_id for t in await store.list("t", 0, 10)] == ["auto-compact-0", "auto-compact-1"]
+    await store.close()
+
+
+async def test_an_unexpected_failure_mid_group_rolls_back_and_frees_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "t.db"
+    store = SqliteStore(str(path))
+    await store.open()
+    real_apply = SqliteStore._apply
+
+    def failing_apply(self, cursor, allocation, now_us):  # type: ignore[no-untyped-def]
+        if allocation.thread_id == "boom":
+            raise ValueError("a bug")
+        return real_apply(self, cursor, allocation, now_us)
+
+    monkeypatch.setattr(SqliteStore, "_apply", failing_apply)
+    outcomes = await asyncio.gather(
+        store.allocate(Allocation("t", TurnKind.AUTO_COMPACTION, 1)),
+        store.allocate(Allocation("boom", TurnKind.AUTO_COMPACTION, 1)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(o, ValueError) for o in outcomes)  # one group, rolled back whole
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # the write lock is free again
+    other.execute("ROLLBACK")
+    other.close()
+    (turn,) = await store.allocate(Allocation("t", TurnKind.AUTO_COMPACTION, 1))
+    assert (turn.turn_id, turn.sequence) == ("auto-compact-0", 1)
+    await store.close()
+
+
+@pytest.mark.parametrize("content", [b"this is not a database" * 100, None])
+async def test_an_unusable_file_is_one_clear_error(tmp_path: Path, content: bytes | None) -> None:
+    path = tmp_path / "t.db"
+    if content is None:
+        path.mkdir()  # a directory where the file should be
+    else:
+        path.write_bytes(content)
+    with pytest.raises(RuntimeError, match="cannot open SQLite database"):
+        await SqliteStore(str(path)).open()

@@ -83,3 +83,12 @@ def store_unavailable(detail: str) -> TurnIdError:
         f"the turn store is unavailable; retry with the same request_id ({detail})",
         {"detail": detail[:200]},
     )
+
+
+def overloaded(queued: int) -> TurnIdError:
+    return TurnIdError(
+        ErrorCategory.RESOURCE_EXHAUSTED,
+        "OVERLOADED",
+        "too many allocations are queued; back off and retry with the same request_id",
+        {"queued": str(queued)},
+    )

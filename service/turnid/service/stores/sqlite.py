@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from turnid.service.domain.errors import (
     TurnIdError,
+    overloaded,
     request_id_reused,
     store_unavailable,
     turn_id_taken,
@@ -64,7 +65,8 @@ _MAX_GROUP = 1024
 # Commit delay: after a group of at least _COMMIT_SIBLINGS allocations, the writer waits this
 # long (asyncio's timer resolution is 1 ms) before taking the next group, unless as many are
 # queued already. Under load this grows groups from ~3 to ~10 allocations and cuts the CPU per
-# allocation (bench/: commits/s vs allocations/s); a lone caller never waits.
+# allocation (bench/: commits/s vs allocations/s). A caller at concurrency 1 never waits; the
+# first caller after a burst may wait up to 1 ms once.
 _COMMIT_SIBLINGS = 4
 _COMMIT_DELAY_S = 0.001
 _T = TypeVar("_T")
@@ -81,9 +83,28 @@ def _connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
     conn = sqlite3.connect(
         path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
     )
-    conn.execute("PRAGMA journal_mode=WAL")
+    _set_wal(conn, time.monotonic() + busy_timeout_s)
     conn.execute("PRAGMA synchronous=FULL")
     return conn
+
+
+def _set_wal(conn: sqlite3.Connection, deadline: float) -> None:
+    """PRAGMA journal_mode=WAL, retried while another process holds the lock it needs.
+
+    Switching a new file to WAL needs an exclusive lock, and when processes opening the same
+    new file race for it (`turnid serve --workers N`), SQLite refuses the losers at once with
+    SQLITE_BUSY instead of calling its busy handler; so wait here, up to the busy timeout.
+    """
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            busy = getattr(error, "sqlite_errorname", "").startswith("SQLITE_BUSY")
+            if not busy or time.monotonic() >= deadline:
+                conn.close()
+                raise
+            time.sleep(0.005)
 
 
 def migrate(conn: sqlite3.Connection) -> int:
@@ -108,9 +129,14 @@ def migrate(conn: sqlite3.Connection) -> int:
 
 
 class SqliteStore:
-    def __init__(self, path: str, *, busy_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, path: str, *, busy_timeout_s: float = 10.0, max_pending: int = 10_000
+    ) -> None:
         self.path = path
         self._busy_timeout_s = busy_timeout_s
+        # Allocations queued for the writer beyond this are refused RESOURCE_EXHAUSTED/OVERLOADED
+        # at once: a bounded queue keeps latency bounded and tells clients to back off.
+        self._max_pending = max_pending
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="turnid-sqlite-writer")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="turnid-sqlite-reader")
         self._write_conn: sqlite3.Connection | None = None
@@ -128,10 +154,13 @@ class SqliteStore:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
-        self._write_conn = await loop.run_in_executor(self._writer, self._open_writer)
-        self._read_conn = await loop.run_in_executor(
-            self._reader, _connect, self.path, self._busy_timeout_s
-        )
+        try:
+            self._write_conn = await loop.run_in_executor(self._writer, self._open_writer)
+            self._read_conn = await loop.run_in_executor(
+                self._reader, _connect, self.path, self._busy_timeout_s
+            )
+        except sqlite3.Error as error:
+            raise RuntimeError(f"cannot open SQLite database {self.path}: {error}") from error
         self._write_loop_task = asyncio.create_task(self._write_loop(), name="sqlite-writer")
 
     def _open_writer(self) -> sqlite3.Connection:
@@ -162,6 +191,8 @@ class SqliteStore:
     async def allocate(self, allocation: Allocation) -> list[Turn]:
         if self._closing:
             raise store_unavailable("store is closing")
+        if len(self._pending) >= self._max_pending:
+            raise overloaded(len(self._pending))
         future: asyncio.Future[list[Turn]] = asyncio.get_running_loop().create_future()
         self._pending.append((allocation, future))
         self._wakeup.set()
@@ -218,11 +249,14 @@ class SqliteStore:
             cursor.execute("COMMIT")
             self.commits += 1
             self.allocations += len(group)
-        except sqlite3.Error as error:
+        except Exception as error:
+            # Never leave the transaction (and the file's write lock) open behind a failure.
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            unavailable = store_unavailable(f"sqlite: {error}")
-            return [unavailable] * len(group)
+            if isinstance(error, sqlite3.Error):
+                return [store_unavailable(f"sqlite: {error}")] * len(group)
+            log.exception("group commit failed; rolled back %d allocations", len(group))
+            return [error] * len(group)
         return results
 
     def _apply(self, cursor: sqlite3.Cursor, allocation: Allocation, now_us: int) -> list[Turn]:
