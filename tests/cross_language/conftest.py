@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import queue
-import re
 import shutil
 import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.e2e.serve_process import ServeProcess
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_MODULES = REPO / "node_modules"
 BUF = NODE_MODULES / ".bin" / "buf"
 TSC = NODE_MODULES / ".bin" / "tsc"
 TIMEOUT = 120  # seconds, for any one tool run
-
-_READY = re.compile(r"turnid serving on (\S+)")
 
 
 def run(
@@ -81,57 +76,7 @@ def node_example(node_toolchain: Path, tmp_path_factory: pytest.TempPathFactory)
     return built
 
 
-class ServeProcess:
-    """`turnid serve --listen 127.0.0.1:0`; its address comes from its start-up log line."""
-
-    def __init__(self, database: str = "memory:") -> None:
-        script = Path(sys.executable).with_name("turnid")
-        command = [str(script)] if script.exists() else [sys.executable, "-m", "turnid.service.cli"]
-        command += ["serve", "--listen", "127.0.0.1:0", "--database", database]
-        self.process = subprocess.Popen(
-            command,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self.log: list[str] = []
-        lines: queue.Queue[str | None] = queue.Queue()
-
-        def drain() -> None:  # for the life of the process, so the pipe never fills up
-            assert self.process.stderr is not None
-            for line in self.process.stderr:
-                self.log.append(line)
-                lines.put(line)
-            lines.put(None)
-
-        threading.Thread(target=drain, daemon=True).start()
-        while True:
-            try:
-                line = lines.get(timeout=30)
-            except queue.Empty:
-                self.stop()
-                raise TimeoutError("turnid serve did not log that it serves within 30 s") from None
-            if line is None:
-                raise RuntimeError(f"turnid serve exited before serving:\n{''.join(self.log)}")
-            if match := _READY.search(line):
-                self.target = match.group(1)
-                return
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(30)
-
-
 @pytest.fixture
 def turnid_serve() -> Iterator[ServeProcess]:
-    server = ServeProcess()
-    try:
+    with ServeProcess("memory:") as server:
         yield server
-    finally:
-        server.stop()
