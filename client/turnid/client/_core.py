@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC
@@ -12,7 +13,7 @@ import grpc
 import uuid_utils
 
 from turnid.client._turn import Turn, TurnKind
-from turnid.client.errors import TurnIdError
+from turnid.client.errors import DeadlineExceeded, TurnIdError, Unavailable, error_from_rpc
 from turnid.v1 import turnid_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -82,6 +83,47 @@ class RetryEvent:
 
 
 OnRetry = Callable[[RetryEvent], object]
+
+
+class RetryLoop:
+    """The retry decisions of one logical call, shared by the sync and asyncio clients.
+
+    One deadline covers the whole call; only UNAVAILABLE is retried, with the policy's backoff,
+    and only while the next attempt can still start before the deadline. The caller runs:
+    `timeout=loop.next_attempt()` for each attempt and, when it fails, `loop.retry_after(error)`
+    (which raises the typed error if the call is over) before sleeping `event.delay`.
+    """
+
+    def __init__(self, method: str, policy: RetryPolicy, timeout: float, request_id: str) -> None:
+        self.method = method
+        self.policy = policy
+        self.request_id = request_id
+        self.deadline = time.monotonic() + timeout
+        self.attempt = 0
+        self._last: tuple[TurnIdError, BaseException] | None = None
+
+    def next_attempt(self) -> float:
+        """Seconds the next attempt may take; raises when the deadline has passed."""
+        self.attempt += 1
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            if self._last is not None:
+                raise self._last[0] from self._last[1]
+            raise DeadlineExceeded(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.method}: deadline exceeded"
+            )
+        return remaining
+
+    def retry_after(self, rpc_error: grpc.RpcError) -> RetryEvent:
+        """The retry to make after a failed attempt; raises its typed error if none."""
+        error = error_from_rpc(rpc_error)
+        if not isinstance(error, Unavailable) or not self.policy.allows(self.attempt):
+            raise error from rpc_error
+        delay = self.policy.delay(self.attempt)
+        if time.monotonic() + delay >= self.deadline:
+            raise error from rpc_error
+        self._last = (error, rpc_error)
+        return RetryEvent(self.method, self.attempt, error, delay, self.request_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,9 +10,8 @@ from typing import Any
 import grpc
 
 from turnid.client import _core
-from turnid.client._core import ChannelOptions, ConnectOptions, OnRetry, RetryEvent, RetryPolicy
+from turnid.client._core import ChannelOptions, ConnectOptions, OnRetry, RetryLoop, RetryPolicy
 from turnid.client._turn import Turn, TurnKind
-from turnid.client.errors import DeadlineExceeded, TurnIdError, Unavailable, error_from_rpc
 from turnid.v1 import turnid_pb2_grpc
 
 
@@ -186,30 +185,17 @@ class TurnIdClient:
         if self._closed:
             raise RuntimeError("the TurnIdClient is closed")
         rpc = getattr(self._stub, method)
-        policy = self.options.retry
-        deadline = time.monotonic() + (self.options.timeout if timeout is None else timeout)
-        attempt = 0
-        last: tuple[TurnIdError, BaseException] | None = None
+        retries = RetryLoop(
+            method,
+            self.options.retry,
+            self.options.timeout if timeout is None else timeout,
+            request_id,
+        )
         while True:
-            attempt += 1
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                if last is not None:
-                    raise last[0] from last[1]
-                raise DeadlineExceeded(
-                    grpc.StatusCode.DEADLINE_EXCEEDED, f"{method}: deadline exceeded"
-                )
             try:
-                return rpc(request, timeout=remaining, metadata=self._metadata)
+                return rpc(request, timeout=retries.next_attempt(), metadata=self._metadata)
             except grpc.RpcError as rpc_error:
-                error: TurnIdError = error_from_rpc(rpc_error)
-                cause: BaseException = rpc_error
-            if not isinstance(error, Unavailable) or not policy.allows(attempt):
-                raise error from cause
-            delay = policy.delay(attempt)
-            if time.monotonic() + delay >= deadline:
-                raise error from cause
-            last = (error, cause)
+                retry = retries.retry_after(rpc_error)
             if self._on_retry is not None:
-                self._on_retry(RetryEvent(method, attempt, error, delay, request_id))
-            time.sleep(delay)
+                self._on_retry(retry)
+            time.sleep(retry.delay)
