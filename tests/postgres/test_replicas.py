@@ -6,9 +6,9 @@ no duplicate turn ids, `sequence` 1..n without gaps, `auto-compact-N` 0..k-1 in 
 and each logical allocation ended with exactly one turn, the one its client was given. Some
 request_ids are replayed against a different replica and must return the original turn.
 
-The second test restarts PostgreSQL in the middle of the load: every failed call must be
-UNAVAILABLE / STORE_UNAVAILABLE, is retried with the same request_id until it succeeds, and the
-invariants above still hold.
+The second test restarts PostgreSQL in the middle of the load (which goes on until the server is
+back): at least one call must fail, every failed call must be UNAVAILABLE / STORE_UNAVAILABLE, is
+retried with the same request_id until it succeeds, and the invariants above still hold.
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ class Load:
     total: int
     milestone: int = 0  # `reached` is set once this many allocations have succeeded
     reached: asyncio.Event = field(default_factory=asyncio.Event)
+    # If given, the load goes on past `total` (which grows) until this is set.
+    until: asyncio.Event | None = None
     results: dict[int, pb.Turn] = field(default_factory=dict)
     failures: Counter[tuple[str, str]] = field(default_factory=Counter)  # (code, reason)
     replays: int = 0
@@ -68,7 +70,9 @@ class Load:
 
     def take(self) -> int | None:
         if self._next >= self.total:
-            return None
+            if self.until is None or self.until.is_set():
+                return None
+            self.total += 1
         self._next += 1
         return self._next - 1
 
@@ -249,14 +253,19 @@ async def test_postgres_restart_mid_load(replicas: list[ServeProcess]) -> None:
         pytest.skip("no local pg_ctlcluster cluster serves TURNID_TEST_POSTGRES_DSN's port")
     targets = [server.target for server in replicas]
     load = new_load(RESTART_ALLOCATIONS, milestone=RESTART_ALLOCATIONS // 3)
+    # The load lasts until PostgreSQL is back, so the whole outage happens under load.
+    load.until = back = asyncio.Event()
     done_before_restart = 0
 
     async def restart() -> None:
         nonlocal done_before_restart
         await load.reached.wait()
         done_before_restart = len(load.results)
-        await asyncio.to_thread(_pg_ctlcluster, cluster, "restart")
-        assert await asyncio.to_thread(_pg_isready, 60)
+        try:
+            await asyncio.to_thread(_pg_ctlcluster, cluster, "restart")
+            assert await asyncio.to_thread(_pg_isready, 60)
+        finally:
+            back.set()
 
     try:
         started = time.monotonic()
@@ -276,7 +285,8 @@ async def test_postgres_restart_mid_load(replicas: list[ServeProcess]) -> None:
         assert not [line for line in server.log if "Traceback" in line or " ERROR " in line]
     if os.environ.get("TURNID_TEST_PG_SHOW_LOGS"):
         print("".join(line for server in replicas for line in server.log))
-    assert done_before_restart < load.total, "the load ended before the restart"
+    # The restart must have hit the load: otherwise this test has checked nothing.
+    assert load.failures[("UNAVAILABLE", "STORE_UNAVAILABLE")] > 0, "no call failed"
     await assert_invariants(load, targets[1])
     # Every replica serves again, on the recovered pool.
     for target in targets:

@@ -217,3 +217,39 @@ async def test_everything_survives_a_reopen(store_factory: StoreFactory, thread_
     assert await all_turns(second, thread_id) == before
     assert await one(second, thread_id, COMPACTION, "r0") == before[0]
     assert (await one(second, thread_id, COMPACTION)).turn_id == "auto-compact-2"
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        Allocation("", REALTIME, 1),
+        Allocation("", COMPACTION, 1),
+        Allocation("", USER, 1),
+        Allocation("", COMPACTION, 3),
+        Allocation("", USER, 1, claimed_turn_id="legacy"),
+    ],
+    ids=["realtime", "compaction", "user-input", "batch", "claim"],
+)
+async def test_concurrent_retries_of_one_request_all_get_the_original(
+    store_factory: StoreFactory, thread_id: str, request_: Allocation
+) -> None:
+    # Two store instances on one database (durable stores; memory has only the one), as two
+    # replicas would be; each round races 8 copies of one request, on a new thread (round 0)
+    # and then on one that exists. Every copy gets the same turns; the thread holds one set.
+    stores = [await store_factory(), await store_factory()]
+    copies, rounds = 8, 5
+    first_results = []
+    for round_ in range(rounds):
+        claimed = None if request_.claimed_turn_id is None else f"legacy-{round_}"
+        allocation = Allocation(thread_id, request_.kind, request_.count, f"r{round_}", claimed)
+        outcomes = await asyncio.gather(
+            *(stores[i % len(stores)].allocate(allocation) for i in range(copies)),
+            return_exceptions=True,
+        )
+        errors = [o for o in outcomes if isinstance(o, BaseException)]
+        assert not errors, f"round {round_}: {errors[:1]}"
+        results = [o for o in outcomes if not isinstance(o, BaseException)]
+        assert all(r == results[0] for r in results), f"round {round_}: {results}"
+        first_results.extend(results[0])
+    assert await all_turns(stores[0], thread_id) == first_results
+    assert [t.sequence for t in first_results] == list(range(1, rounds * request_.count + 1))

@@ -11,8 +11,9 @@ An allocation is at most two statements on an autocommit connection:
    is held for one statement and its commit, never across a network round trip to us.
 
 A request with the same request_id that committed after step 1 (it held the lock we waited
-for) makes step 2 hit the requests primary key: retried, and step 1 then finds it. A claimed id
-the thread already has hits the (thread_id, turn_id) unique key: TURN_ID_TAKEN, nothing written.
+for) makes step 2 hit the requests primary key (the request row is inserted before the turns,
+so this holds for claims too): retried, and step 1 then finds it. A claimed id the thread
+already has hits the (thread_id, turn_id) unique key: TURN_ID_TAKEN, nothing written.
 Serialization failures and deadlocks (engines running SERIALIZABLE) are retried in here.
 
 Faults: connection errors, pool timeouts and any other database error become STORE_UNAVAILABLE
@@ -68,6 +69,13 @@ _TURN_COLUMNS = "thread_id, turn_id, kind, sequence, create_time_us, request_id,
 # allocations within the thread), then insert the request row (if any) and the turns at the
 # sequences the bump returned. `turn_ids` holds the minted or claimed ids, or NULLs for
 # compaction turns, which take `auto-compact-<n>` from the counter.
+#
+# The request row must be inserted before the turns: a copy of this request that committed
+# while we waited for the thread's lock must fail on requests_pkey (retried: the lookup then
+# returns the original), not on the claimed turn id (TURN_ID_TAKEN). PostgreSQL runs
+# data-modifying CTEs in no promised order (in practice one that nothing reads runs last), so
+# the order is made a data dependency: the turns take their first sequence from the request
+# row's RETURNING (`start`), which exists only once that row is in, past its unique check.
 _ALLOCATE = """
 WITH bump AS (
     INSERT INTO threads AS t (thread_id, next_sequence, next_compaction)
@@ -83,13 +91,18 @@ WITH bump AS (
            bump.first_sequence
     FROM bump
     WHERE %(request_id)s <> ''
+    RETURNING first_sequence
+), start AS (
+    SELECT first_sequence FROM request
+    UNION ALL
+    SELECT first_sequence FROM bump WHERE %(request_id)s = ''
 ), new_turns AS (
     INSERT INTO turns (thread_id, turn_id, kind, sequence, create_time_us, request_id, claimed)
     SELECT %(thread_id)s,
            COALESCE(ids.turn_id, %(compaction_prefix)s || (bump.first_compaction + ids.n - 1)),
-           %(kind)s, bump.first_sequence + ids.n - 1, %(create_time_us)s, %(request_id)s,
+           %(kind)s, start.first_sequence + ids.n - 1, %(create_time_us)s, %(request_id)s,
            %(claimed)s
-    FROM bump, unnest(%(turn_ids)s::text[]) WITH ORDINALITY AS ids(turn_id, n)
+    FROM bump, start, unnest(%(turn_ids)s::text[]) WITH ORDINALITY AS ids(turn_id, n)
     RETURNING turn_id, sequence
 )
 SELECT turn_id, sequence FROM new_turns ORDER BY sequence
@@ -351,7 +364,8 @@ class PostgresStore:
             rows = await cursor.fetchall()
         except pg_errors.UniqueViolation as error:
             if claimed is not None and error.diag.constraint_name == _TURN_ID_KEY:
-                # The request_id (if any) is new, and the thread has the claimed id already.
+                # The request row went in first (see _ALLOCATE), so the request_id (if any) is
+                # new: the thread really has the claimed id already.
                 raise turn_id_taken(thread_id, claimed) from error
             # requests_pkey: the same request_id committed after our lookup (we waited for the
             # thread's lock); the next attempt returns it. Nothing else can collide.
