@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
-from turnid.client import ConnectOptions, RetryPolicy, TurnIdClient
+from turnid.client import (
+    NO_RETRY,
+    AsyncTurnIdClient,
+    ConnectOptions,
+    RetryPolicy,
+    TurnIdClient,
+    Unavailable,
+)
+from turnid.service.domain import TurnService
+from turnid.service.servicer import TurnIdServicer, add_to_server
+from turnid.service.stores.memory import MemoryStore
 from turnid.testing import TurnIdTestServer
 
 WAIT = 30.0
@@ -73,9 +86,93 @@ def test_connect_options() -> None:
         ConnectOptions(timeout=0)
 
 
-def test_tls_client_builds_a_secure_channel() -> None:
-    with TurnIdClient("127.0.0.1:1", tls=True) as client:
-        assert client.options.uses_tls
+def _make_certificates(directory: Path) -> dict[str, bytes]:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl(
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=turnid test CA",
+    )
+    for name, extension in (
+        ("server", "subjectAltName=IP:127.0.0.1"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ):
+        openssl(
+            "req",
+            *ec,
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN=turnid test {name}",
+        )
+        (directory / f"{name}.ext").write_text(extension + "\n")
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "1",
+            "-extfile",
+            f"{name}.ext",
+        )
+    return {path.name: path.read_bytes() for path in directory.iterdir()}
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+async def test_tls_with_client_certificates_against_a_mutual_tls_server(
+    tmp_path: Path, thread_id: str
+) -> None:
+    pem = _make_certificates(tmp_path)
+    server = grpc.aio.server()
+    add_to_server(TurnIdServicer(TurnService(MemoryStore())), server)
+    credentials = grpc.ssl_server_credentials(
+        [(pem["server.key"], pem["server.pem"])],
+        root_certificates=pem["ca.pem"],
+        require_client_auth=True,
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    await server.start()
+    target = f"127.0.0.1:{port}"
+    try:
+        async with AsyncTurnIdClient(
+            target,
+            root_certificates=pem["ca.pem"],
+            private_key=pem["client.key"],
+            certificate_chain=pem["client.pem"],
+            timeout=WAIT,
+        ) as client:
+            assert (await client.auto_compaction(thread_id)).turn_id == "auto-compact-0"
+        # Without a client certificate the handshake fails: the certificate really was used.
+        async with AsyncTurnIdClient(
+            target, root_certificates=pem["ca.pem"], timeout=2, retry=NO_RETRY
+        ) as anonymous:
+            with pytest.raises(Unavailable):
+                await anonymous.auto_compaction(thread_id)
+    finally:
+        await server.stop(0)
 
 
 def test_retry_policy_backoff_grows_with_jitter_and_is_capped() -> None:
