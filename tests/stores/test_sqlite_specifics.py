@@ -116,3 +116,29 @@ async def test_an_unusable_file_is_one_clear_error(tmp_path: Path, content: byte
         path.write_bytes(content)
     with pytest.raises(RuntimeError, match="cannot open SQLite database"):
         await SqliteStore(str(path)).open()
+
+
+async def test_an_unforeseen_constraint_failure_fails_only_its_culprit(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    store = SqliteStore(str(path))
+    await store.open()
+    # A row the store's checks cannot foresee: sequence 1 of thread "bad" without its counters.
+    with sqlite3.connect(path) as planted:
+        planted.execute(
+            "INSERT INTO turns (thread_id, turn_id, kind, sequence, create_time_us, request_id, "
+            "claimed) VALUES ('bad', 'planted', 3, 1, 0, '', 1)"
+        )
+    # gather queues all three before the writer runs: one group, whose joint write fails.
+    outcomes = await asyncio.gather(
+        store.allocate(Allocation("good-1", TurnKind.AUTO_COMPACTION, 1, "r")),
+        store.allocate(Allocation("bad", TurnKind.AUTO_COMPACTION, 1)),
+        store.allocate(Allocation("good-2", TurnKind.USER_INPUT, 2)),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[1], sqlite3.IntegrityError)
+    assert [t.turn_id for t in outcomes[0]] == ["auto-compact-0"]  # type: ignore[union-attr]
+    assert [t.sequence for t in outcomes[2]] == [1, 2]  # type: ignore[union-attr]
+    assert await store.list("good-1", 0, 10) == outcomes[0]
+    assert await store.list("good-2", 0, 10) == outcomes[2]
+    assert [t.turn_id for t in await store.list("bad", 0, 10)] == ["planted"]
+    await store.close()
