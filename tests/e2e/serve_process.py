@@ -9,24 +9,18 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
 
 _READY = re.compile(r"turnid serving on (\S+)")
 
 
+def serve_command(*args: str) -> list[str]:
+    """`turnid serve ARGS` with this interpreter."""
+    return [sys.executable, "-m", "turnid.service.cli", "serve", *args]
+
+
 class ServeProcess:
     def __init__(self, database: str, *extra: str, listen: str = "127.0.0.1:0") -> None:
-        command: Sequence[str] = [
-            sys.executable,
-            "-m",
-            "turnid.service.cli",
-            "serve",
-            "--listen",
-            listen,
-            "--database",
-            database,
-            *extra,
-        ]
+        command = serve_command("--listen", listen, "--database", database, *extra)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
             command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env

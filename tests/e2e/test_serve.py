@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from turnid.v1 import turnid_pb2 as pb
 from turnid.v1 import turnid_pb2_grpc as pb_grpc
 
-from .serve_process import ServeProcess
+from .serve_process import ServeProcess, serve_command
 
 pytestmark = pytest.mark.e2e
 
@@ -128,19 +128,9 @@ def test_unusable_database_url_fails_fast_with_one_line() -> None:
 @pytest.mark.parametrize("listen", ["127.0.0.1:99999", "no-port", ":50051"])
 def test_bad_listen_address_is_one_line_and_exit_2(listen: str) -> None:
     import subprocess
-    import sys
 
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "turnid.service.cli",
-            "serve",
-            "--listen",
-            listen,
-            "--database",
-            "memory:",
-        ],
+        serve_command("--listen", listen, "--database", "memory:"),
         capture_output=True,
         text=True,
         timeout=60,

@@ -35,7 +35,6 @@ class TurnIdServer:
         self.health = HealthServicer()
         self.port = 0
         self._server: grpc.aio.Server | None = None
-        self._stopped = asyncio.Event()
 
     @property
     def target(self) -> str:
@@ -78,10 +77,6 @@ class TurnIdServer:
         await self.health.enter_graceful_shutdown()
         await server.stop(self.config.grace_seconds if grace is None else grace)
         await self.store.close()
-        self._stopped.set()
-
-    async def wait_stopped(self) -> None:
-        await self._stopped.wait()
 
 
 async def serve(
