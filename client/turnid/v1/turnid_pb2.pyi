@@ -40,14 +40,16 @@ class Turn(_message.Message):
     def __init__(self, thread_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., kind: _Optional[_Union[TurnKind, str]] = ..., sequence: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., claimed: _Optional[bool] = ...) -> None: ...
 
 class AllocateTurnIdRequest(_message.Message):
-    __slots__ = ("thread_id", "kind", "request_id")
+    __slots__ = ("thread_id", "kind", "request_id", "expected_last_sequence")
     THREAD_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     thread_id: str
     kind: TurnKind
     request_id: str
-    def __init__(self, thread_id: _Optional[str] = ..., kind: _Optional[_Union[TurnKind, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    expected_last_sequence: int
+    def __init__(self, thread_id: _Optional[str] = ..., kind: _Optional[_Union[TurnKind, str]] = ..., request_id: _Optional[str] = ..., expected_last_sequence: _Optional[int] = ...) -> None: ...
 
 class AllocateTurnIdResponse(_message.Message):
     __slots__ = ("turn",)
@@ -56,16 +58,18 @@ class AllocateTurnIdResponse(_message.Message):
     def __init__(self, turn: _Optional[_Union[Turn, _Mapping]] = ...) -> None: ...
 
 class BatchAllocateTurnIdsRequest(_message.Message):
-    __slots__ = ("thread_id", "kind", "count", "request_id")
+    __slots__ = ("thread_id", "kind", "count", "request_id", "expected_last_sequence")
     THREAD_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     thread_id: str
     kind: TurnKind
     count: int
     request_id: str
-    def __init__(self, thread_id: _Optional[str] = ..., kind: _Optional[_Union[TurnKind, str]] = ..., count: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    expected_last_sequence: int
+    def __init__(self, thread_id: _Optional[str] = ..., kind: _Optional[_Union[TurnKind, str]] = ..., count: _Optional[int] = ..., request_id: _Optional[str] = ..., expected_last_sequence: _Optional[int] = ...) -> None: ...
 
 class BatchAllocateTurnIdsResponse(_message.Message):
     __slots__ = ("turns",)
@@ -74,16 +78,18 @@ class BatchAllocateTurnIdsResponse(_message.Message):
     def __init__(self, turns: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ...) -> None: ...
 
 class ClaimTurnIdRequest(_message.Message):
-    __slots__ = ("thread_id", "turn_id", "kind", "request_id")
+    __slots__ = ("thread_id", "turn_id", "kind", "request_id", "expected_last_sequence")
     THREAD_ID_FIELD_NUMBER: _ClassVar[int]
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     thread_id: str
     turn_id: str
     kind: TurnKind
     request_id: str
-    def __init__(self, thread_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., kind: _Optional[_Union[TurnKind, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    expected_last_sequence: int
+    def __init__(self, thread_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., kind: _Optional[_Union[TurnKind, str]] = ..., request_id: _Optional[str] = ..., expected_last_sequence: _Optional[int] = ...) -> None: ...
 
 class ClaimTurnIdResponse(_message.Message):
     __slots__ = ("turn",)
@@ -122,3 +128,47 @@ class ListTurnsResponse(_message.Message):
     turns: _containers.RepeatedCompositeFieldContainer[Turn]
     next_page_token: str
     def __init__(self, turns: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class Thread(_message.Message):
+    __slots__ = ("thread_id", "last_sequence", "next_compaction_index", "last_turn", "create_time", "update_time")
+    THREAD_ID_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_COMPACTION_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LAST_TURN_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    thread_id: str
+    last_sequence: int
+    next_compaction_index: int
+    last_turn: Turn
+    create_time: _timestamp_pb2.Timestamp
+    update_time: _timestamp_pb2.Timestamp
+    def __init__(self, thread_id: _Optional[str] = ..., last_sequence: _Optional[int] = ..., next_compaction_index: _Optional[int] = ..., last_turn: _Optional[_Union[Turn, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class GetThreadRequest(_message.Message):
+    __slots__ = ("thread_id",)
+    THREAD_ID_FIELD_NUMBER: _ClassVar[int]
+    thread_id: str
+    def __init__(self, thread_id: _Optional[str] = ...) -> None: ...
+
+class GetThreadResponse(_message.Message):
+    __slots__ = ("thread",)
+    THREAD_FIELD_NUMBER: _ClassVar[int]
+    thread: Thread
+    def __init__(self, thread: _Optional[_Union[Thread, _Mapping]] = ...) -> None: ...
+
+class WatchTurnsRequest(_message.Message):
+    __slots__ = ("thread_id", "after_sequence")
+    THREAD_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    thread_id: str
+    after_sequence: int
+    def __init__(self, thread_id: _Optional[str] = ..., after_sequence: _Optional[int] = ...) -> None: ...
+
+class WatchTurnsResponse(_message.Message):
+    __slots__ = ("turns", "caught_up")
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    CAUGHT_UP_FIELD_NUMBER: _ClassVar[int]
+    turns: _containers.RepeatedCompositeFieldContainer[Turn]
+    caught_up: bool
+    def __init__(self, turns: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., caught_up: _Optional[bool] = ...) -> None: ...

@@ -60,6 +60,16 @@ class TurnIdServiceStub:
                 request_serializer=turnid_dot_v1_dot_turnid__pb2.ListTurnsRequest.SerializeToString,
                 response_deserializer=turnid_dot_v1_dot_turnid__pb2.ListTurnsResponse.FromString,
                 _registered_method=True)
+        self.GetThread = channel.unary_unary(
+                '/turnid.v1.TurnIdService/GetThread',
+                request_serializer=turnid_dot_v1_dot_turnid__pb2.GetThreadRequest.SerializeToString,
+                response_deserializer=turnid_dot_v1_dot_turnid__pb2.GetThreadResponse.FromString,
+                _registered_method=True)
+        self.WatchTurns = channel.unary_stream(
+                '/turnid.v1.TurnIdService/WatchTurns',
+                request_serializer=turnid_dot_v1_dot_turnid__pb2.WatchTurnsRequest.SerializeToString,
+                response_deserializer=turnid_dot_v1_dot_turnid__pb2.WatchTurnsResponse.FromString,
+                _registered_method=True)
 
 
 class TurnIdServiceServicer:
@@ -140,6 +150,35 @@ class TurnIdServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetThread(self, request, context):
+        """GetThread tells where a thread stands: its last sequence, its next
+        compaction index, its last turn and when it was created and last written.
+
+        Errors: INVALID_THREAD_ID as above; NOT_FOUND, reason THREAD_NOT_FOUND,
+        when the thread has no turns (or belongs to another namespace).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchTurns(self, request, context):
+        """WatchTurns replays the thread's turns with sequence > after_sequence in
+        order, then follows the thread live, whichever process or replica
+        allocates its turns. The first message comes at once, even when it holds
+        no turn; `caught_up` is true on the message that completes the replay of
+        everything that existed when the watch started, and on every message
+        after it. A turn is delivered exactly once, in sequence order, never with
+        a gap. To resume after a broken stream, watch again with after_sequence
+        set to the last sequence received. The stream ends UNAVAILABLE when the
+        server shuts down (resume elsewhere).
+
+        Errors: INVALID_THREAD_ID as above; INVALID_ARGUMENT, reason
+        INVALID_SEQUENCE, for a negative after_sequence.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TurnIdServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -167,6 +206,16 @@ def add_TurnIdServiceServicer_to_server(servicer, server):
                     servicer.ListTurns,
                     request_deserializer=turnid_dot_v1_dot_turnid__pb2.ListTurnsRequest.FromString,
                     response_serializer=turnid_dot_v1_dot_turnid__pb2.ListTurnsResponse.SerializeToString,
+            ),
+            'GetThread': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetThread,
+                    request_deserializer=turnid_dot_v1_dot_turnid__pb2.GetThreadRequest.FromString,
+                    response_serializer=turnid_dot_v1_dot_turnid__pb2.GetThreadResponse.SerializeToString,
+            ),
+            'WatchTurns': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTurns,
+                    request_deserializer=turnid_dot_v1_dot_turnid__pb2.WatchTurnsRequest.FromString,
+                    response_serializer=turnid_dot_v1_dot_turnid__pb2.WatchTurnsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -305,6 +354,60 @@ class TurnIdService:
             '/turnid.v1.TurnIdService/ListTurns',
             turnid_dot_v1_dot_turnid__pb2.ListTurnsRequest.SerializeToString,
             turnid_dot_v1_dot_turnid__pb2.ListTurnsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetThread(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/turnid.v1.TurnIdService/GetThread',
+            turnid_dot_v1_dot_turnid__pb2.GetThreadRequest.SerializeToString,
+            turnid_dot_v1_dot_turnid__pb2.GetThreadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTurns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/turnid.v1.TurnIdService/WatchTurns',
+            turnid_dot_v1_dot_turnid__pb2.WatchTurnsRequest.SerializeToString,
+            turnid_dot_v1_dot_turnid__pb2.WatchTurnsResponse.FromString,
             options,
             channel_credentials,
             insecure,
