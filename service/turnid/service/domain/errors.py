@@ -6,8 +6,11 @@ Reasons are part of the API contract (see protos/turnid/v1/turnid.proto); client
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+log = logging.getLogger("turnid.errors")
 
 
 class ErrorCategory(enum.Enum):
@@ -16,6 +19,9 @@ class ErrorCategory(enum.Enum):
     ALREADY_EXISTS = "ALREADY_EXISTS"
     UNAVAILABLE = "UNAVAILABLE"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    INTERNAL = "INTERNAL"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +82,62 @@ def request_id_reused(thread_id: str, request_id: str) -> TurnIdError:
     )
 
 
+def thread_not_found(thread_id: str) -> TurnIdError:
+    return TurnIdError(
+        ErrorCategory.NOT_FOUND,
+        "THREAD_NOT_FOUND",
+        "thread has no turns",
+        {"thread_id": thread_id},
+    )
+
+
+def thread_advanced(thread_id: str, last_sequence: int, expected: int) -> TurnIdError:
+    return TurnIdError(
+        ErrorCategory.FAILED_PRECONDITION,
+        "THREAD_ADVANCED",
+        f"the thread's last sequence is {last_sequence}, not the expected {expected}",
+        {
+            "thread_id": thread_id,
+            "last_sequence": str(last_sequence),
+            "expected_last_sequence": str(expected),
+        },
+    )
+
+
 def store_unavailable(detail: str) -> TurnIdError:
+    """The store cannot serve the call now. `detail` goes to the server log, never to the
+    client: driver messages name hosts, users and SQL (invariant 7)."""
+    log.warning("store unavailable: %s", detail)
     return TurnIdError(
         ErrorCategory.UNAVAILABLE,
         "STORE_UNAVAILABLE",
-        f"the turn store is unavailable; retry with the same request_id ({detail})",
-        {"detail": detail[:200]},
+        "the turn store is unavailable; retry with the same request_id",
+    )
+
+
+def disk_full() -> TurnIdError:
+    log.error("the database's disk is full")
+    return TurnIdError(
+        ErrorCategory.RESOURCE_EXHAUSTED,
+        "STORAGE_FULL",
+        "the turn store's disk is full; retry with the same request_id once space is freed",
+    )
+
+
+def shutting_down() -> TurnIdError:
+    return TurnIdError(
+        ErrorCategory.UNAVAILABLE,
+        "SHUTTING_DOWN",
+        "the server is shutting down; retry (another replica or after restart)",
+    )
+
+
+def internal_error(correlation_id: str) -> TurnIdError:
+    return TurnIdError(
+        ErrorCategory.INTERNAL,
+        "INTERNAL_ERROR",
+        f"internal error; the server log has the details under correlation id {correlation_id}",
+        {"correlation_id": correlation_id},
     )
 
 
