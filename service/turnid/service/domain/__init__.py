@@ -1,15 +1,34 @@
 """The domain: what a turn is, the rules for allocating one, and nothing of gRPC."""
 
+from turnid.service.domain.allocation import Grant, Replay, decide
 from turnid.service.domain.errors import ErrorCategory, FieldViolation, TurnIdError
-from turnid.service.domain.model import Allocation, Turn, TurnKind
-from turnid.service.domain.turns import TurnService
+from turnid.service.domain.model import (
+    NEW_THREAD,
+    Allocation,
+    RequestRecord,
+    ThreadInfo,
+    ThreadState,
+    Turn,
+    TurnKind,
+)
+from turnid.service.domain.turns import TurnService, WatchUpdate
+from turnid.service.domain.watch import ChangeFeed
 
 __all__ = [
+    "NEW_THREAD",
     "Allocation",
+    "ChangeFeed",
     "ErrorCategory",
     "FieldViolation",
+    "Grant",
+    "Replay",
+    "RequestRecord",
+    "ThreadInfo",
+    "ThreadState",
     "Turn",
     "TurnIdError",
     "TurnKind",
     "TurnService",
+    "WatchUpdate",
+    "decide",
 ]

@@ -1,11 +1,9 @@
-"""Plain values of the domain: kinds, turns and allocation requests."""
+"""Plain values of the domain: kinds, turns, threads and allocation requests."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-
-from turnid.service.domain.minting import mint_uuid7
 
 COMPACTION_PREFIX = "auto-compact-"
 
@@ -34,8 +32,8 @@ class Allocation:
     """One validated request for new turns: `count` turns of `kind` in one thread.
 
     A claim is an allocation of one turn whose id was minted elsewhere (`claimed_turn_id`).
-    Stores apply it in one transaction: a known request_id returns the original turns
-    (or is refused when the parameters differ), else counters are bumped and turns inserted.
+    `expected_last_sequence` makes it conditional. Stores apply it with `decide()`
+    (domain/allocation.py) at the thread's serialization point, in one transaction.
     """
 
     thread_id: str
@@ -43,20 +41,18 @@ class Allocation:
     count: int
     request_id: str = ""
     claimed_turn_id: str | None = None
-
-    def turn_ids(self, first_compaction_index: int) -> list[str]:
-        """The ids of the new turns, given the thread's next compaction index."""
-        if self.claimed_turn_id is not None:
-            return [self.claimed_turn_id]
-        if self.kind is TurnKind.AUTO_COMPACTION:
-            start = first_compaction_index
-            return [f"{COMPACTION_PREFIX}{n}" for n in range(start, start + self.count)]
-        return [mint_uuid7() for _ in range(self.count)]
+    namespace: str = ""
+    expected_last_sequence: int | None = None
 
     @property
     def compactions(self) -> int:
         """How far this allocation advances the thread's compaction counter."""
         return self.count if self.kind is TurnKind.AUTO_COMPACTION else 0
+
+    @property
+    def mints(self) -> bool:
+        """Whether its ids are UUIDv7s minted by turnid (not claimed, not counted)."""
+        return self.claimed_turn_id is None and self.kind is not TurnKind.AUTO_COMPACTION
 
     def same_request(self, kind: int, count: int, claimed_turn_id: str | None) -> bool:
         """Whether a stored request (by request_id) asked for exactly this."""
@@ -65,3 +61,46 @@ class Allocation:
             and count == self.count
             and (claimed_turn_id or None) == self.claimed_turn_id
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadState:
+    """A thread's counters, as a store keeps them in its threads row.
+
+    `last_minted` is the greatest UUIDv7 turnid minted in the thread (invariant 8);
+    `max_claimed` the greatest claimed id (text order), so minted ids are checked against the
+    thread's claims only when they could collide with one.
+    """
+
+    next_sequence: int = 1
+    next_compaction: int = 0
+    last_minted: str = ""
+    max_claimed: str = ""
+    create_time_us: int = 0
+    update_time_us: int = 0
+
+    @property
+    def last_sequence(self) -> int:
+        return self.next_sequence - 1
+
+
+NEW_THREAD = ThreadState()
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """What a request_id was used for in a thread, and where its turns start."""
+
+    kind: int
+    count: int
+    claimed_turn_id: str | None
+    first_sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadInfo:
+    """Where a thread stands (GetThread)."""
+
+    thread_id: str
+    state: ThreadState
+    last_turn: Turn

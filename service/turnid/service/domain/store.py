@@ -1,16 +1,21 @@
 """The Store protocol, the domain's port to storage: what every store must do, identically.
 
-The conformance suite in tests/stores/ holds each store to it.
+Every key is `(namespace, thread_id)`: threads of different namespaces are unrelated. The
+conformance suite in tests/stores/ holds each store to it.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from turnid.service.domain.model import Allocation, Turn
+from turnid.service.domain.model import Allocation, ThreadInfo, Turn
+from turnid.service.domain.watch import ChangeFeed
 
 
 class Store(Protocol):
+    #: Woken at every commit that adds turns to a thread (WatchTurns).
+    changes: ChangeFeed
+
     async def open(self) -> None:
         """Connect and bring the schema up to date."""
 
@@ -20,16 +25,20 @@ class Store(Protocol):
     async def allocate(self, allocation: Allocation) -> list[Turn]:
         """Apply one allocation atomically and durably, and return its turns.
 
-        A request_id the thread has seen returns the original turns (or raises
-        REQUEST_ID_REUSED when the parameters differ); a claimed id the thread already has
-        raises TURN_ID_TAKEN; otherwise the thread's counters advance by the allocation and
-        the turns are inserted with consecutive sequences. Either everything is written or
+        The store reads the thread's state, the request_id's record and taken ids under the
+        thread's lock and applies `domain.allocation.decide()`: everything is written or
         nothing is.
         """
         ...
 
-    async def get(self, thread_id: str, turn_id: str) -> Turn | None: ...
+    async def get(self, namespace: str, thread_id: str, turn_id: str) -> Turn | None: ...
 
-    async def list(self, thread_id: str, after_sequence: int, limit: int) -> list[Turn]:
+    async def list(
+        self, namespace: str, thread_id: str, after_sequence: int, limit: int
+    ) -> list[Turn]:
         """Up to `limit` turns with sequence > after_sequence, in sequence order."""
+        ...
+
+    async def get_thread(self, namespace: str, thread_id: str) -> ThreadInfo | None:
+        """Where the thread stands; None when it has no turns."""
         ...

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from turnid.service.domain import paging, validation
-from turnid.service.domain.errors import turn_not_found
-from turnid.service.domain.model import Allocation, Turn
+from turnid.service.domain.errors import thread_not_found, turn_not_found
+from turnid.service.domain.model import Allocation, ThreadInfo, Turn
 from turnid.service.domain.store import Store
+
+#: Turns per WatchTurns message (and per read behind it): bounds a watcher's memory.
+WATCH_PAGE = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,49 +20,139 @@ class TurnPage:
     next_page_token: str
 
 
+@dataclass(frozen=True, slots=True)
+class WatchUpdate:
+    """One WatchTurns message: new turns (maybe none, first) and whether replay is complete."""
+
+    turns: list[Turn]
+    caught_up: bool
+
+
 class TurnService:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    async def allocate(self, thread_id: str, kind: int, request_id: str = "") -> Turn:
-        (turn,) = await self.allocate_batch(thread_id, kind, 1, request_id)
+    async def allocate(
+        self,
+        thread_id: str,
+        kind: int,
+        request_id: str = "",
+        *,
+        namespace: str = "",
+        expected_last_sequence: int | None = None,
+    ) -> Turn:
+        (turn,) = await self.allocate_batch(
+            thread_id,
+            kind,
+            1,
+            request_id,
+            namespace=namespace,
+            expected_last_sequence=expected_last_sequence,
+        )
         return turn
 
     async def allocate_batch(
-        self, thread_id: str, kind: int, count: int, request_id: str = ""
+        self,
+        thread_id: str,
+        kind: int,
+        count: int,
+        request_id: str = "",
+        *,
+        namespace: str = "",
+        expected_last_sequence: int | None = None,
     ) -> list[Turn]:
         allocation = Allocation(
             validation.thread_id(thread_id),
             validation.kind(kind),
             validation.count(count),
             validation.request_id(request_id),
+            namespace=namespace,
+            expected_last_sequence=validation.expected_last_sequence(expected_last_sequence),
         )
         return await self.store.allocate(allocation)
 
-    async def claim(self, thread_id: str, turn_id: str, kind: int, request_id: str = "") -> Turn:
+    async def claim(
+        self,
+        thread_id: str,
+        turn_id: str,
+        kind: int,
+        request_id: str = "",
+        *,
+        namespace: str = "",
+        expected_last_sequence: int | None = None,
+    ) -> Turn:
         allocation = Allocation(
             validation.thread_id(thread_id),
             validation.claimable_kind(kind),
             1,
             validation.request_id(request_id),
             claimed_turn_id=validation.claimable_turn_id(turn_id),
+            namespace=namespace,
+            expected_last_sequence=validation.expected_last_sequence(expected_last_sequence),
         )
         (turn,) = await self.store.allocate(allocation)
         return turn
 
-    async def get(self, thread_id: str, turn_id: str) -> Turn:
-        turn = await self.store.get(validation.thread_id(thread_id), validation.turn_id(turn_id))
+    async def get(self, thread_id: str, turn_id: str, *, namespace: str = "") -> Turn:
+        turn = await self.store.get(
+            namespace, validation.thread_id(thread_id), validation.turn_id(turn_id)
+        )
         if turn is None:
             raise turn_not_found(thread_id, turn_id)
         return turn
 
-    async def list(self, thread_id: str, page_size: int = 0, page_token: str = "") -> TurnPage:
+    async def list(
+        self, thread_id: str, page_size: int = 0, page_token: str = "", *, namespace: str = ""
+    ) -> TurnPage:
         validation.thread_id(thread_id)
         limit = validation.page_size(page_size)
-        after = paging.decode(thread_id, page_token)
+        after = paging.decode(namespace, thread_id, page_token)
         # One extra row tells whether another page exists without a second query.
-        turns = await self.store.list(thread_id, after, limit + 1)
+        turns = await self.store.list(namespace, thread_id, after, limit + 1)
         if len(turns) > limit:
             turns = turns[:limit]
-            return TurnPage(turns, paging.encode(thread_id, turns[-1].sequence))
+            return TurnPage(turns, paging.encode(namespace, thread_id, turns[-1].sequence))
         return TurnPage(turns, "")
+
+    async def get_thread(self, thread_id: str, *, namespace: str = "") -> ThreadInfo:
+        info = await self.store.get_thread(namespace, validation.thread_id(thread_id))
+        if info is None:
+            raise thread_not_found(thread_id)
+        return info
+
+    async def watch(
+        self, thread_id: str, after_sequence: int = 0, *, namespace: str = ""
+    ) -> AsyncIterator[WatchUpdate]:
+        """Replay turns with sequence > after_sequence, then follow the thread live.
+
+        The first update comes at once (maybe empty); `caught_up` is set on the update that
+        completes the replay and on every update after it. Each read starts after the last
+        sequence delivered, so no turn is delivered twice or skipped; reads are at most
+        WATCH_PAGE turns and the next read waits until the consumer took the update, so a
+        slow consumer holds one page, however far the thread runs ahead.
+        """
+        validation.thread_id(thread_id)
+        last = validation.after_sequence(after_sequence)
+        return self._watch(namespace, thread_id, last)
+
+    async def _watch(
+        self, namespace: str, thread_id: str, last: int
+    ) -> AsyncIterator[WatchUpdate]:
+        store = self.store
+        feed = store.changes
+        caught_up = False
+        with feed.subscribe((namespace, thread_id)) as subscription:
+            while True:
+                subscription.clear()  # a commit from here on wakes the wait below
+                turns = await store.list(namespace, thread_id, last, WATCH_PAGE)
+                if turns:
+                    last = turns[-1].sequence
+                if not caught_up:
+                    caught_up = len(turns) < WATCH_PAGE
+                    yield WatchUpdate(turns, caught_up)
+                    continue
+                if turns:
+                    yield WatchUpdate(turns, True)
+                    if len(turns) == WATCH_PAGE:
+                        continue
+                await subscription.wait(feed.fallback_interval)

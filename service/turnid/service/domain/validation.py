@@ -109,3 +109,25 @@ def page_size(value: int) -> int:
             page_size=str(value),
         )
     return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def expected_last_sequence(value: int | None) -> int | None:
+    if value is not None and value < 0:
+        raise invalid_field(
+            "INVALID_SEQUENCE",
+            "expected_last_sequence",
+            "expected_last_sequence must not be negative",
+            expected_last_sequence=str(value),
+        )
+    return value
+
+
+def after_sequence(value: int) -> int:
+    if value < 0:
+        raise invalid_field(
+            "INVALID_SEQUENCE",
+            "after_sequence",
+            "after_sequence must not be negative",
+            after_sequence=str(value),
+        )
+    return value
