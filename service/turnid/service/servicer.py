@@ -1,12 +1,24 @@
-"""The gRPC transport: protos in, domain calls, protos out; TurnIdError -> google.rpc.Status.
+"""The gRPC transport: protos in, domain calls, protos out; errors -> google.rpc.Status.
 
-Nothing here decides anything: validation and rules live in the domain.
+Nothing here decides anything: validation and rules live in the domain. One handler wrapper
+(`_unary`, `_server_stream`) does what every RPC shares: parsing the request (bytes that do
+not decode are MALFORMED_REQUEST, not gRPC's bare UNKNOWN), refusing calls once shutdown has
+begun (UNAVAILABLE/SHUTTING_DOWN, before any work, so the client retries elsewhere), mapping
+errors (a TurnIdError to its status; anything else to INTERNAL/INTERNAL_ERROR with a
+correlation id that the log line carries too, and nothing internal in the message:
+invariant 7), and telling the call observers (access log, metrics) how it ended.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, NoReturn
+import asyncio
+import contextvars
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn, Protocol
 
 import grpc
 from google.protobuf import any_pb2
@@ -14,8 +26,16 @@ from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from turnid.service.domain import ErrorCategory, Turn, TurnIdError, TurnService
-from turnid.v1 import turnid_pb2, turnid_pb2_grpc
+from turnid.service.domain import ErrorCategory, ThreadInfo, Turn, TurnIdError, TurnService
+from turnid.service.domain.errors import internal_error, shutting_down
+from turnid.v1 import turnid_pb2
+
+try:
+    from turnid.service.auth import current_namespace
+except ImportError:  # pragma: no cover - auth.py lands with issue 10
+    current_namespace = contextvars.ContextVar("turnid_namespace", default="")
+
+log = logging.getLogger("turnid.servicer")
 
 ERROR_DOMAIN = "turnid"
 
@@ -25,6 +45,9 @@ _CODES = {
     ErrorCategory.ALREADY_EXISTS: code_pb2.ALREADY_EXISTS,
     ErrorCategory.UNAVAILABLE: code_pb2.UNAVAILABLE,
     ErrorCategory.RESOURCE_EXHAUSTED: code_pb2.RESOURCE_EXHAUSTED,
+    ErrorCategory.FAILED_PRECONDITION: code_pb2.FAILED_PRECONDITION,
+    ErrorCategory.UNAUTHENTICATED: code_pb2.UNAUTHENTICATED,
+    ErrorCategory.INTERNAL: code_pb2.INTERNAL,
 }
 
 
@@ -39,6 +62,22 @@ def turn_to_proto(turn: Turn, new: Callable[..., Any] = turnid_pb2.Turn) -> turn
         create_time={"seconds": seconds, "nanos": micros * 1000},
         request_id=turn.request_id,
         claimed=turn.claimed,
+    )
+
+
+def _timestamp(micros: int) -> dict[str, int]:
+    seconds, rest = divmod(micros, 1_000_000)
+    return {"seconds": seconds, "nanos": rest * 1000}
+
+
+def thread_to_proto(info: ThreadInfo) -> turnid_pb2.Thread:
+    return turnid_pb2.Thread(
+        thread_id=info.thread_id,
+        last_sequence=info.state.last_sequence,
+        next_compaction_index=info.state.next_compaction,
+        last_turn=turn_to_proto(info.last_turn),
+        create_time=_timestamp(info.state.create_time_us),
+        update_time=_timestamp(info.state.update_time_us),
     )
 
 
@@ -76,99 +115,327 @@ def error_to_status(error: TurnIdError) -> status_pb2.Status:
     return status_pb2.Status(code=_CODES[error.category], message=error.message, details=packed)
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: TurnIdError) -> NoReturn:  # type: ignore[type-arg]
+async def abort(context: grpc.aio.ServicerContext, error: TurnIdError) -> NoReturn:  # type: ignore[type-arg]
+    """End the call with the error's status (raises grpc's AbortError)."""
     await context.abort_with_status(rpc_status.to_status(error_to_status(error)))  # type: ignore[attr-defined]
     raise AssertionError("abort_with_status returned")  # pragma: no cover
 
 
-class TurnIdServicer(turnid_pb2_grpc.TurnIdServiceServicer):  # type: ignore[misc]
-    def __init__(self, turns: TurnService) -> None:
+# --- what every call shares ---------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """How one call ended, for the observers (access log, metrics)."""
+
+    method: str
+    code: str  # grpc status code name, "OK" on success
+    reason: str  # ErrorInfo reason, "" on success
+    request_id: str
+    namespace: str
+    duration_s: float
+    correlation_id: str
+    context: Any  # the call's ServicerContext: `peer` reads it only when asked
+
+    @property
+    def peer(self) -> str:
+        try:
+            return str(self.context.peer())
+        except Exception:  # the call is over; some transports forget the peer
+            return ""
+
+
+class CallObserver(Protocol):
+    def __call__(self, record: CallRecord) -> None: ...
+
+
+class CallGate:
+    """Counts calls in flight and closes the door at shutdown.
+
+    After `begin_shutdown()`, new calls are refused UNAVAILABLE/SHUTTING_DOWN before any work
+    and open WatchTurns streams end the same way, so clients resume elsewhere; `wait_idle()`
+    waits for the calls already running to finish, before the gRPC server is stopped (which
+    would CANCEL them).
+    """
+
+    def __init__(self) -> None:
+        self.closing = False
+        self.inflight = 0
+        self.watchers = 0
+        self._idle = asyncio.Event()
+        self._closed = asyncio.Event()
+
+    def begin_shutdown(self) -> None:
+        self.closing = True
+        self._closed.set()
+        if self.inflight == 0:
+            self._idle.set()
+
+    def enter(self) -> None:
+        self.inflight += 1
+
+    def exit(self) -> None:
+        self.inflight -= 1
+        if self.closing and self.inflight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:  # noqa: ASYNC109 (a bound, not a cancel)
+        """True once no call of ours is running (after begin_shutdown), False on timeout."""
+        if self.inflight == 0:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+
+Behavior = Callable[[Any, str], Awaitable[Any]]
+StreamBehavior = Callable[[Any, str], AsyncIterator[Any]]
+
+
+def _malformed(method: str, error: DecodeError) -> TurnIdError:
+    return TurnIdError(
+        ErrorCategory.INVALID_ARGUMENT,
+        "MALFORMED_REQUEST",
+        f"the request is not a valid {method} message: {error}",
+        {"method": method},
+    )
+
+
+def _unexpected(method: str, error: BaseException) -> TurnIdError:
+    correlation_id = uuid.uuid4().hex
+    log.error(
+        "unexpected error in %s (correlation id %s)",
+        method,
+        correlation_id,
+        exc_info=error,
+        extra={"correlation_id": correlation_id, "method": method},
+    )
+    return internal_error(correlation_id)
+
+
+class _Call:
+    """The bookkeeping of one call: gate, outcome and observers."""
+
+    __slots__ = ("code", "correlation_id", "reason", "request_id", "started")
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.code = "OK"
+        self.reason = ""
+        self.request_id = ""
+        self.correlation_id = ""
+
+    def failed(self, error: TurnIdError) -> None:
+        self.code = error.category.value
+        self.reason = error.reason
+        self.correlation_id = error.metadata.get("correlation_id", "") if error.metadata else ""
+
+
+class TurnIdServicer:
+    """turnid.v1.TurnIdService on a TurnService. `gate` and `observers` are the server's."""
+
+    def __init__(self, turns: TurnService, observers: Sequence[CallObserver] = ()) -> None:
         self._turns = turns
+        self.gate = CallGate()
+        self.observers = list(observers)
 
-    async def AllocateTurnId(self, request, context):  # type: ignore[no-untyped-def]
-        try:
-            turn = await self._turns.allocate(request.thread_id, request.kind, request.request_id)
-            return turnid_pb2.AllocateTurnIdResponse(turn=turn_to_proto(turn))
-        except TurnIdError as error:
-            await _abort(context, error)
+    # --- the RPCs: proto -> domain -> proto ---------------------------------------------------
 
-    async def BatchAllocateTurnIds(self, request, context):  # type: ignore[no-untyped-def]
+    async def AllocateTurnId(self, request: Any, namespace: str) -> Any:
+        turn = await self._turns.allocate(
+            request.thread_id,
+            request.kind,
+            request.request_id,
+            namespace=namespace,
+            expected_last_sequence=_expected(request),
+        )
+        return turnid_pb2.AllocateTurnIdResponse(turn=turn_to_proto(turn))
+
+    async def BatchAllocateTurnIds(self, request: Any, namespace: str) -> Any:
+        turns = await self._turns.allocate_batch(
+            request.thread_id,
+            request.kind,
+            request.count,
+            request.request_id,
+            namespace=namespace,
+            expected_last_sequence=_expected(request),
+        )
+        response = turnid_pb2.BatchAllocateTurnIdsResponse()
+        add_turns(response.turns, turns)
+        return response
+
+    async def ClaimTurnId(self, request: Any, namespace: str) -> Any:
+        turn = await self._turns.claim(
+            request.thread_id,
+            request.turn_id,
+            request.kind,
+            request.request_id,
+            namespace=namespace,
+            expected_last_sequence=_expected(request),
+        )
+        return turnid_pb2.ClaimTurnIdResponse(turn=turn_to_proto(turn))
+
+    async def GetTurn(self, request: Any, namespace: str) -> Any:
+        turn = await self._turns.get(request.thread_id, request.turn_id, namespace=namespace)
+        return turnid_pb2.GetTurnResponse(turn=turn_to_proto(turn))
+
+    async def ListTurns(self, request: Any, namespace: str) -> Any:
+        page = await self._turns.list(
+            request.thread_id, request.page_size, request.page_token, namespace=namespace
+        )
+        response = turnid_pb2.ListTurnsResponse(next_page_token=page.next_page_token)
+        add_turns(response.turns, page.turns)
+        return response
+
+    async def GetThread(self, request: Any, namespace: str) -> Any:
+        info = await self._turns.get_thread(request.thread_id, namespace=namespace)
+        return turnid_pb2.GetThreadResponse(thread=thread_to_proto(info))
+
+    async def WatchTurns(self, request: Any, namespace: str) -> AsyncIterator[Any]:
+        updates = await self._turns.watch(
+            request.thread_id, request.after_sequence, namespace=namespace
+        )
+        closed = asyncio.ensure_future(self.gate.wait_closed())
         try:
-            turns = await self._turns.allocate_batch(
-                request.thread_id, request.kind, request.count, request.request_id
+            while True:
+                following = asyncio.ensure_future(anext(updates))
+                await asyncio.wait((following, closed), return_when=asyncio.FIRST_COMPLETED)
+                if not following.done():
+                    following.cancel()
+                    raise shutting_down()
+                update = following.result()
+                response = turnid_pb2.WatchTurnsResponse(caught_up=update.caught_up)
+                add_turns(response.turns, update.turns)
+                # Waits for gRPC flow control: a slow reader holds one message, no more.
+                yield response
+        finally:
+            closed.cancel()
+            await updates.aclose()
+
+    # --- the wrapper every RPC runs in --------------------------------------------------------
+
+    def _finish(self, call: _Call, method: str, namespace: str, context: Any) -> None:
+        self.gate.exit()
+        if self.observers:
+            record = CallRecord(
+                method,
+                call.code,
+                call.reason,
+                call.request_id,
+                namespace,
+                time.perf_counter() - call.started,
+                call.correlation_id,
+                context,
             )
-            response = turnid_pb2.BatchAllocateTurnIdsResponse()
-            add_turns(response.turns, turns)
-            return response
-        except TurnIdError as error:
-            await _abort(context, error)
+            for observer in self.observers:
+                try:
+                    observer(record)
+                except Exception:  # an observer must never fail the call
+                    log.exception("call observer failed")
 
-    async def ClaimTurnId(self, request, context):  # type: ignore[no-untyped-def]
-        try:
-            turn = await self._turns.claim(
-                request.thread_id, request.turn_id, request.kind, request.request_id
-            )
-            return turnid_pb2.ClaimTurnIdResponse(turn=turn_to_proto(turn))
-        except TurnIdError as error:
-            await _abort(context, error)
+    def unary(
+        self, method: str, behavior: Behavior, parse: Callable[[bytes], Any]
+    ) -> Callable[[bytes, Any], Awaitable[Any]]:
+        gate = self.gate
 
-    async def GetTurn(self, request, context):  # type: ignore[no-untyped-def]
-        try:
-            turn = await self._turns.get(request.thread_id, request.turn_id)
-            return turnid_pb2.GetTurnResponse(turn=turn_to_proto(turn))
-        except TurnIdError as error:
-            await _abort(context, error)
+        async def handle(raw: bytes, context: Any) -> Any:
+            call = _Call()
+            gate.enter()
+            namespace = current_namespace.get()
+            try:
+                if gate.closing:
+                    raise shutting_down()
+                try:
+                    request = parse(raw)
+                except DecodeError as error:
+                    raise _malformed(method, error) from error
+                call.request_id = getattr(request, "request_id", "")
+                return await behavior(request, namespace)
+            except TurnIdError as error:
+                call.failed(error)
+                await abort(context, error)
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                call.code = "CANCELLED"
+                raise
+            except Exception as error:
+                mapped = _unexpected(method, error)
+                call.failed(mapped)
+                await abort(context, mapped)
+            finally:
+                self._finish(call, method, namespace, context)
 
-    async def ListTurns(self, request, context):  # type: ignore[no-untyped-def]
-        try:
-            page = await self._turns.list(request.thread_id, request.page_size, request.page_token)
-            response = turnid_pb2.ListTurnsResponse(next_page_token=page.next_page_token)
-            add_turns(response.turns, page.turns)
-            return response
-        except TurnIdError as error:
-            await _abort(context, error)
+        return handle
+
+    def server_stream(
+        self, method: str, behavior: StreamBehavior, parse: Callable[[bytes], Any]
+    ) -> Callable[[bytes, Any], AsyncIterator[Any]]:
+        gate = self.gate
+
+        async def handle(raw: bytes, context: Any) -> AsyncIterator[Any]:
+            call = _Call()
+            gate.enter()
+            gate.watchers += 1
+            namespace = current_namespace.get()
+            try:
+                if gate.closing:
+                    raise shutting_down()
+                try:
+                    request = parse(raw)
+                except DecodeError as error:
+                    raise _malformed(method, error) from error
+                async for response in behavior(request, namespace):
+                    yield response
+            except TurnIdError as error:
+                call.failed(error)
+                await abort(context, error)
+            except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
+                call.code = "CANCELLED"
+                raise
+            except Exception as error:
+                mapped = _unexpected(method, error)
+                call.failed(mapped)
+                await abort(context, mapped)
+            finally:
+                gate.watchers -= 1
+                self._finish(call, method, namespace, context)
+
+        return handle
+
+
+def _expected(request: Any) -> int | None:
+    return request.expected_last_sequence if request.HasField("expected_last_sequence") else None
 
 
 SERVICE = turnid_pb2.DESCRIPTOR.services_by_name["TurnIdService"]
 
 
-def _parsing(
-    handler: Callable[[Any, Any], Awaitable[Any]], parse: Callable[[bytes], Any], method: str
-) -> Callable[[bytes, Any], Awaitable[Any]]:
-    async def handle(raw: bytes, context: Any) -> Any:
-        try:
-            request = parse(raw)
-        except DecodeError as error:
-            await _abort(
-                context,
-                TurnIdError(
-                    ErrorCategory.INVALID_ARGUMENT,
-                    "MALFORMED_REQUEST",
-                    f"the request is not a valid {method} message: {error}",
-                    {"method": method},
-                ),
-            )
-        return await handler(request, context)
-
-    return handle
-
-
 def add_to_server(servicer: TurnIdServicer, server: grpc.aio.Server) -> None:
     """Register the servicer like the generated add_TurnIdServiceServicer_to_server, except that
-    requests are parsed here: a message that does not decode (bytes that are not protobuf,
-    invalid UTF-8 in a string field) is then INVALID_ARGUMENT / MALFORMED_REQUEST with an
-    ErrorInfo, where gRPC's own deserializer would answer a bare UNKNOWN."""
-    handlers = {
-        method.name: grpc.unary_unary_rpc_method_handler(
-            _parsing(
-                getattr(servicer, method.name),
-                getattr(turnid_pb2, method.input_type.name).FromString,
-                method.name,
-            ),
-            response_serializer=getattr(turnid_pb2, method.output_type.name).SerializeToString,
-        )
-        for method in SERVICE.methods
-    }
+    requests are parsed (and errors mapped) in the servicer's wrapper: a message that does not
+    decode (bytes that are not protobuf, invalid UTF-8 in a string field) is then
+    INVALID_ARGUMENT / MALFORMED_REQUEST with an ErrorInfo, where gRPC's own deserializer
+    would answer a bare UNKNOWN."""
+    handlers = {}
+    for method in SERVICE.methods:
+        parse = getattr(turnid_pb2, method.input_type.name).FromString
+        serialize = getattr(turnid_pb2, method.output_type.name).SerializeToString
+        behavior = getattr(servicer, method.name)
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                servicer.server_stream(method.name, behavior, parse),
+                response_serializer=serialize,
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                servicer.unary(method.name, behavior, parse),
+                response_serializer=serialize,
+            )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),)
     )

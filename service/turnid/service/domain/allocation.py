@@ -98,7 +98,5 @@ def decide(
         create_time_us=state.create_time_us or now_us,
         update_time_us=now_us,
     )
-    record = (
-        RequestRecord(int(kind), allocation.count, claimed, first) if request_id else None
-    )
+    record = RequestRecord(int(kind), allocation.count, claimed, first) if request_id else None
     return Grant(turns, new_state, record)

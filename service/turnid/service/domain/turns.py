@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from turnid.service.domain import paging, validation
@@ -122,7 +122,7 @@ class TurnService:
 
     async def watch(
         self, thread_id: str, after_sequence: int = 0, *, namespace: str = ""
-    ) -> AsyncIterator[WatchUpdate]:
+    ) -> AsyncGenerator[WatchUpdate, None]:
         """Replay turns with sequence > after_sequence, then follow the thread live.
 
         The first update comes at once (maybe empty); `caught_up` is set on the update that
@@ -137,7 +137,7 @@ class TurnService:
 
     async def _watch(
         self, namespace: str, thread_id: str, last: int
-    ) -> AsyncIterator[WatchUpdate]:
+    ) -> AsyncGenerator[WatchUpdate, None]:
         store = self.store
         feed = store.changes
         caught_up = False

@@ -28,7 +28,7 @@ class Subscription:
     def notify(self) -> None:
         self._event.set()
 
-    async def wait(self, timeout: float | None) -> None:
+    async def wait(self, timeout: float | None) -> None:  # noqa: ASYNC109 (a bound)
         """Until notified, or `timeout` seconds (None: no limit)."""
         if timeout is None:
             await self._event.wait()
