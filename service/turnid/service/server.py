@@ -48,7 +48,8 @@ class TurnIdServer:
         server = grpc.aio.server(
             options=[("grpc.so_reuseport", 1 if self.config.reuse_port else 0)]
         )
-        add_to_server(TurnIdServicer(TurnService(self.store)), server)
+        self.servicer = TurnIdServicer(TurnService(self.store))
+        add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
