@@ -429,7 +429,7 @@ async def test_forged_page_token_beyond_int64_is_refused(
     from turnid.service.domain import paging
 
     await allocate(stub, thread_id, USER)
-    forged = paging.encode(thread_id, 2**63)
+    forged = paging.encode("", thread_id, 2**63)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.ListTurns(pb.ListTurnsRequest(thread_id=thread_id, page_token=forged))
     assert error_details(caught.value)[1].reason == "INVALID_PAGE_TOKEN"

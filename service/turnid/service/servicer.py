@@ -12,6 +12,7 @@ invariant 7), and telling the call observers (access log, metrics) how it ended.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import time
@@ -26,7 +27,14 @@ from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from turnid.service.domain import ErrorCategory, ThreadInfo, Turn, TurnIdError, TurnService
+from turnid.service.domain import (
+    ErrorCategory,
+    ThreadInfo,
+    Turn,
+    TurnIdError,
+    TurnService,
+    WatchUpdate,
+)
 from turnid.service.domain.errors import internal_error, shutting_down
 from turnid.v1 import turnid_pb2
 
@@ -302,20 +310,25 @@ class TurnIdServicer:
             request.thread_id, request.after_sequence, namespace=namespace
         )
         closed = asyncio.ensure_future(self.gate.wait_closed())
+        following: asyncio.Future[WatchUpdate] | None = None
         try:
             while True:
                 following = asyncio.ensure_future(anext(updates))
                 await asyncio.wait((following, closed), return_when=asyncio.FIRST_COMPLETED)
                 if not following.done():
-                    following.cancel()
                     raise shutting_down()
                 update = following.result()
+                following = None
                 response = turnid_pb2.WatchTurnsResponse(caught_up=update.caught_up)
                 add_turns(response.turns, update.turns)
                 # Waits for gRPC flow control: a slow reader holds one message, no more.
                 yield response
         finally:
             closed.cancel()
+            if following is not None and not following.done():
+                following.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await following
             await updates.aclose()
 
     # --- the wrapper every RPC runs in --------------------------------------------------------
