@@ -69,9 +69,56 @@ function baseUrl(target: string): string {
   return /^https?:\/\//.test(target) ? target : `http://${target}`;
 }
 
+// Follows a thread with WatchTurns: every turn after `afterSequence`, exactly once, in order,
+// whichever replica allocated it. `established` resolves with the first message that says
+// `caughtUp` (the watch has everything that existed when it started), so a caller can wait for
+// it before it acts and never miss a turn; `seen(n)` resolves once n turns have arrived.
+function watchThread(client: Client<typeof TurnIdService>, threadId: string) {
+  const controller = new AbortController();
+  const turns: Turn[] = [];
+  let markEstablished: () => void = () => {};
+  const established = new Promise<void>((resolve) => (markEstablished = resolve));
+  let wanted = Number.POSITIVE_INFINITY;
+  let markSeen: () => void = () => {};
+  const following = (async () => {
+    try {
+      const stream = client.watchTurns(
+        { threadId, afterSequence: 0n },
+        { signal: controller.signal, timeoutMs: 0 },
+      );
+      for await (const message of stream) {
+        turns.push(...message.turns);
+        if (message.caughtUp) markEstablished();
+        if (turns.length >= wanted) markSeen();
+      }
+    } catch (error) {
+      if (!controller.signal.aborted) throw error; // closed by us: done
+    }
+  })();
+  return {
+    established,
+    seen(count: number): Promise<Turn[]> {
+      wanted = count;
+      const done = new Promise<void>((resolve) => (markSeen = resolve));
+      if (turns.length >= wanted) markSeen();
+      return Promise.race([done.then(() => turns.slice(0, count)), following.then(() => turns)]);
+    },
+    close(): Promise<void> {
+      controller.abort();
+      return following;
+    },
+  };
+}
+
 async function run(client: Client<typeof TurnIdService>): Promise<void> {
   // A fresh thread, so its compaction counter starts at 0.
   const threadId = `example-${randomUUID()}`;
+
+  // Watch the thread first, and wait until the watch is established: nothing that happens
+  // from here on can be missed.
+  const watcher = watchThread(client, threadId);
+  await watcher.established;
+  emit("watching", { thread_id: threadId });
 
   // A realtime delegation gets a UUIDv7. The request_id makes the call safe to retry after a
   // reconnect: the same request_id returns the same turn instead of minting a second one.
@@ -111,6 +158,39 @@ async function run(client: Client<typeof TurnIdService>): Promise<void> {
     for (const turn of page.turns) emit("listed", turnJson(turn));
     pageToken = page.nextPageToken;
   } while (pageToken !== "");
+
+  // Start a turn only if nobody else did since we looked: two windows (or replicas) that race
+  // after the same history get exactly one winner; the other learns where the thread is now.
+  const thread = (await client.getThread({ threadId })).thread;
+  const lastSequence = thread?.lastSequence ?? 0n;
+  emit("thread", {
+    last_sequence: lastSequence.toString(),
+    next_compaction_index: (thread?.nextCompactionIndex ?? 0n).toString(),
+    last_turn_id: thread?.lastTurn?.turnId ?? null,
+  });
+  const started = await client.allocateTurnId({
+    threadId,
+    kind: TurnKind.USER_INPUT,
+    requestId: `start-${randomUUID()}`,
+    expectedLastSequence: lastSequence,
+  });
+  emit("started", turnJson(started.turn));
+  try {
+    await client.allocateTurnId({
+      threadId,
+      kind: TurnKind.USER_INPUT,
+      expectedLastSequence: lastSequence, // the same history: this one lost the race
+    });
+    throw new Error("a second conditional start after the same history was accepted");
+  } catch (error) {
+    if (!(error instanceof ConnectError)) throw error;
+    emit("refused", refusalJson("AllocateTurnId", error));
+  }
+
+  // Everything allocated above reached the watcher once, in sequence order.
+  const watched = await watcher.seen(4);
+  emit("watched", { sequences: watched.map((t) => t.sequence.toString()) });
+  await watcher.close();
 
   // A refused request: whitespace is not allowed in a thread_id.
   try {

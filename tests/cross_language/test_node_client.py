@@ -60,8 +60,24 @@ def test_node_client_allocates_reads_back_and_decodes_refusals(
     assert [turn(line) for line in events(lines, "read")] == [turn(line) for line in allocated]
     assert [turn(line) for line in events(lines, "listed")] == [turn(line) for line in allocated]
 
+    # The watch was established before anything was allocated and saw every turn once.
+    assert lines[1] == {"event": "watching", "thread_id": allocated[0]["thread_id"]}
+    [started] = events(lines, "started")
+    assert started["sequence"] == "4"
+    assert events(lines, "watched") == [{"event": "watched", "sequences": ["1", "2", "3", "4"]}]
+    assert events(lines, "thread") == [
+        {
+            "event": "thread",
+            "last_sequence": "3",
+            "next_compaction_index": "2",
+            "last_turn_id": "auto-compact-1",
+        }
+    ]
+
     # The reasons come from the ErrorInfo in the google.rpc.Status details.
-    invalid, not_found = events(lines, "refused")
+    advanced, invalid, not_found = events(lines, "refused")
+    assert (advanced["code"], advanced["reason"]) == ("FAILED_PRECONDITION", "THREAD_ADVANCED")
+    assert advanced["metadata"]["last_sequence"] == "4"
     assert invalid["rpc"] == "AllocateTurnId"
     assert invalid["code"] == "INVALID_ARGUMENT"
     assert invalid["reason"] == "INVALID_THREAD_ID"
