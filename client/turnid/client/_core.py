@@ -1,20 +1,20 @@
-"""What the sync and asyncio clients share: options, retry policy, requests, proto -> Turn."""
+"""What the sync and asyncio clients share: options, retry policy, call plans, proto -> values."""
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 import uuid_utils
 
-from turnid.client._turn import Turn, TurnKind
-from turnid.client.errors import DeadlineExceeded, TurnIdError, Unavailable, error_from_rpc
-from turnid.v1 import turnid_pb2
+from turnid.client._turn import Thread, Turn, TurnKind
+from turnid.client.errors import Cancelled, DeadlineExceeded, TurnIdError, error_from_rpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 #: Seconds a logical call may take, retries included, when neither the call nor the client
@@ -36,12 +36,16 @@ ChannelOptions = Sequence[tuple[str, Any]]
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """How UNAVAILABLE is retried: exponential backoff with jitter, inside the call's deadline.
+    """How transient failures are retried: exponential backoff with jitter, inside the deadline.
 
     The n-th retry waits `min(max_backoff, initial_backoff * multiplier ** (n - 1))`, scaled by a
     random factor in `[1 - jitter, 1 + jitter]`. Retrying stops when the next attempt would
     start after the deadline, or after `max_attempts` attempts (None: no limit but the deadline).
-    Only UNAVAILABLE is retried (AIP-194); every attempt of a call carries the same request_id.
+    Retried: UNAVAILABLE (AIP-194; also a draining server's SHUTTING_DOWN), RESOURCE_EXHAUSTED
+    (OVERLOADED) and a CANCELLED that the server (not this client) caused. Every attempt of a
+    call carries the same request_id, so a retried write never mints a second turn. A watch
+    uses the same backoff to reconnect, with no deadline; `max_attempts` then counts failed
+    reconnects in a row.
     """
 
     initial_backoff: float = 0.05
@@ -70,14 +74,39 @@ class RetryPolicy:
 
 NO_RETRY = RetryPolicy(max_attempts=1)
 
+#: Status codes worth another attempt with the same request_id.
+RETRYABLE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+
+# What gRPC says when this side cancelled a call (cancel(), or the channel closed under it).
+_LOCAL_CANCEL_DETAILS = frozenset({"Locally cancelled by application!", "Channel closed!"})
+
+
+def cancelled_locally(rpc_error: grpc.RpcError) -> bool:
+    """True when a CANCELLED status came from this process, not from the server."""
+    code = getattr(rpc_error, "code", None)
+    details = getattr(rpc_error, "details", None)
+    if not callable(code) or code() is not grpc.StatusCode.CANCELLED:
+        return False
+    return callable(details) and details() in _LOCAL_CANCEL_DETAILS
+
+
+def retryable(error: TurnIdError) -> bool:
+    return error.code in RETRYABLE_CODES
+
 
 @dataclass(frozen=True, slots=True)
 class RetryEvent:
-    """Passed to `on_retry` each time a call is about to be retried."""
+    """Passed to `on_retry` each time a call is about to be retried (or a watch reconnects)."""
 
     method: str  # the RPC, e.g. "AllocateTurnId"
     attempt: int  # the attempt that failed, 1-based
-    error: TurnIdError  # why it failed (an Unavailable)
+    error: TurnIdError  # why it failed (Unavailable, ResourceExhausted or Cancelled)
     delay: float  # seconds until the next attempt
     request_id: str  # the request_id every attempt carries ("" for reads)
 
@@ -88,10 +117,12 @@ OnRetry = Callable[[RetryEvent], object]
 class RetryLoop:
     """The retry decisions of one logical call, shared by the sync and asyncio clients.
 
-    One deadline covers the whole call; only UNAVAILABLE is retried, with the policy's backoff,
-    and only while the next attempt can still start before the deadline. The caller runs:
-    `timeout=loop.next_attempt()` for each attempt and, when it fails, `loop.retry_after(error)`
-    (which raises the typed error if the call is over) before sleeping `event.delay`.
+    One deadline covers the whole call; UNAVAILABLE, RESOURCE_EXHAUSTED and a server's
+    CANCELLED are retried with the policy's backoff, only while the next attempt can still
+    start before the deadline. Every error it raises carries the call's request_id. The caller
+    runs `timeout=loop.next_attempt()` for each attempt and, when it fails,
+    `loop.retry_after(error, local=...)` (which raises the typed error if the call is over)
+    before sleeping `event.delay`.
     """
 
     def __init__(self, method: str, policy: RetryPolicy, timeout: float, request_id: str) -> None:
@@ -110,14 +141,21 @@ class RetryLoop:
             if self._last is not None:
                 raise self._last[0] from self._last[1]
             raise DeadlineExceeded(
-                grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.method}: deadline exceeded"
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"{self.method}: deadline exceeded",
+                request_id=self.request_id,
             )
         return remaining
 
-    def retry_after(self, rpc_error: grpc.RpcError) -> RetryEvent:
-        """The retry to make after a failed attempt; raises its typed error if none."""
-        error = error_from_rpc(rpc_error)
-        if not isinstance(error, Unavailable) or not self.policy.allows(self.attempt):
+    def retry_after(self, rpc_error: grpc.RpcError, *, local: bool = False) -> RetryEvent:
+        """The retry to make after a failed attempt; raises its typed error if none.
+
+        `local`: the caller knows that this side ended the attempt (the client was closed);
+        such a failure is never retried.
+        """
+        error = error_from_rpc(rpc_error, self.request_id)
+        local = local or cancelled_locally(rpc_error)
+        if local or not retryable(error) or not self.policy.allows(self.attempt):
             raise error from rpc_error
         delay = self.policy.delay(self.attempt)
         if time.monotonic() + delay >= self.deadline:
@@ -125,10 +163,43 @@ class RetryLoop:
         self._last = (error, rpc_error)
         return RetryEvent(self.method, self.attempt, error, delay, self.request_id)
 
+    def closed(self) -> Cancelled:
+        """The error for a call whose client was closed while it waited to retry."""
+        return Cancelled(
+            grpc.StatusCode.CANCELLED,
+            f"{self.method}: the client was closed",
+            request_id=self.request_id,
+        )
+
+
+_T_co = TypeVar("_T_co", covariant=True)
+
+
+@dataclass(frozen=True, slots=True)
+class CallPlan(Generic[_T_co]):
+    """One logical unary call, built once and run by either client's executor.
+
+    `method` names the RPC on `stub` ("turnid": TurnIdService, "health": grpc.health.v1);
+    every attempt sends `request` (and so `request_id`); `decode` turns the response into the
+    method's result; `timeout` is the call's deadline in seconds (None: the client's).
+    """
+
+    method: str
+    request: Any
+    decode: Callable[[Any], _T_co]
+    request_id: str = ""
+    timeout: float | None = None
+    stub: str = "turnid"
+
 
 @dataclass(frozen=True, slots=True)
 class ConnectOptions:
-    """Where and how to connect. TLS is used when `tls` is true or any certificate is given."""
+    """Where and how to connect. TLS is used when `tls` is true or any certificate is given.
+
+    A `token` goes out as `authorization: Bearer ...` call metadata. Over a plaintext channel
+    that is refused (ValueError, before any connection) unless the target is loopback
+    (127.0.0.0/8, ::1, localhost, a unix socket) or `insecure` is true.
+    """
 
     target: str = DEFAULT_TARGET
     timeout: float = DEFAULT_TIMEOUT
@@ -139,12 +210,23 @@ class ConnectOptions:
     certificate_chain: bytes | None = None
     channel_options: ChannelOptions = ()
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         if self.timeout <= 0:
             raise ValueError("timeout must be > 0 seconds")
         if (self.private_key is None) != (self.certificate_chain is None):
             raise ValueError("give private_key and certificate_chain together")
+        if (
+            self.token
+            and not self.uses_tls
+            and not self.insecure
+            and not is_loopback_target(self.target)
+        ):
+            raise ValueError(
+                f"refusing to send a bearer token in cleartext to {self.target!r}: connect with "
+                "TLS (tls=True or certificates), use a loopback target, or pass insecure=True"
+            )
 
     @property
     def uses_tls(self) -> bool:
@@ -169,10 +251,56 @@ class ConnectOptions:
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         # A bearer token travels as call metadata, so it works on plaintext channels too (gRPC
-        # refuses call credentials there); with TLS it is protected like any other header.
+        # refuses call credentials there); __post_init__ allows that only where it is safe.
         if self.token:
             return (("authorization", f"Bearer {self.token}"),)
         return ()
+
+
+def _host_is_loopback(host: str) -> bool:
+    host = host.strip().rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])  # drop an IPv6 zone
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def _host_of(address: str) -> str:
+    """The host of `host:port`, `[v6]:port`, `host` or a bare IPv6 address."""
+    if address.startswith("["):
+        return address[1:].split("]", 1)[0]
+    if address.count(":") > 1:  # a bare IPv6 address
+        return address
+    return address.rsplit(":", 1)[0] if ":" in address else address
+
+
+def is_loopback_target(target: str) -> bool:
+    """True when every address a gRPC target names is on this machine.
+
+    Understands `host:port`, `[::1]:port`, `dns:[//authority/]host:port`, `ipv4:`/`ipv6:`
+    address lists and `unix:`/`unix-abstract:` sockets; anything else counts as remote.
+    """
+    target = target.strip()
+    lower = target.lower()
+    if lower.startswith(("unix:", "unix-abstract:")):
+        return True
+    if lower.startswith("dns:"):
+        rest = target[4:]
+        if rest.startswith("//"):
+            rest = rest[2:].partition("/")[2]
+        addresses = [rest]
+    elif lower.startswith(("ipv4:", "ipv6:")):
+        addresses = target[5:].split(",")
+    elif "://" in target or not target:
+        return False
+    else:
+        addresses = [target]
+    return all(_host_is_loopback(_host_of(address)) for address in addresses)
 
 
 def new_request_id() -> str:
@@ -192,34 +320,12 @@ def turn_from_proto(proto: Any) -> Turn:
     )
 
 
-def _kind_number(kind: TurnKind | int) -> Any:
-    # An int, not a name: an unknown number reaches the service, which refuses it (INVALID_KIND).
-    return int(kind)
-
-
-def allocate_request(thread_id: str, kind: TurnKind, request_id: str) -> Any:
-    return turnid_pb2.AllocateTurnIdRequest(
-        thread_id=thread_id, kind=_kind_number(kind), request_id=request_id
-    )
-
-
-def batch_request(thread_id: str, kind: TurnKind, count: int, request_id: str) -> Any:
-    return turnid_pb2.BatchAllocateTurnIdsRequest(
-        thread_id=thread_id, kind=_kind_number(kind), count=count, request_id=request_id
-    )
-
-
-def claim_request(thread_id: str, turn_id: str, kind: TurnKind, request_id: str) -> Any:
-    return turnid_pb2.ClaimTurnIdRequest(
-        thread_id=thread_id, turn_id=turn_id, kind=_kind_number(kind), request_id=request_id
-    )
-
-
-def get_request(thread_id: str, turn_id: str) -> Any:
-    return turnid_pb2.GetTurnRequest(thread_id=thread_id, turn_id=turn_id)
-
-
-def list_request(thread_id: str, page_size: int, page_token: str) -> Any:
-    return turnid_pb2.ListTurnsRequest(
-        thread_id=thread_id, page_size=page_size, page_token=page_token
+def thread_from_proto(proto: Any) -> Thread:
+    return Thread(
+        thread_id=proto.thread_id,
+        last_sequence=proto.last_sequence,
+        next_compaction_index=proto.next_compaction_index,
+        last_turn=turn_from_proto(proto.last_turn) if proto.HasField("last_turn") else None,
+        create_time=proto.create_time.ToDatetime(tzinfo=UTC),
+        update_time=proto.update_time.ToDatetime(tzinfo=UTC),
     )

@@ -1,4 +1,4 @@
-"""The client's plain values: `TurnKind`, `Turn`, and turn-id parsing that needs no server."""
+"""The client's plain values: `TurnKind`, `Turn`, `Thread`, and turn-id parsing (no server)."""
 
 from __future__ import annotations
 
@@ -122,3 +122,20 @@ class Turn:
 
     def parsed(self) -> ParsedTurnId:
         return parse_turn_id(self.turn_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Thread:
+    """Where a thread stands (`get_thread`). Immutable; times are aware UTC datetimes."""
+
+    thread_id: str
+    #: The sequence of the thread's last turn.
+    last_sequence: int
+    #: N of the next `auto-compact-N` the thread will hand out.
+    next_compaction_index: int
+    #: The thread's last turn (None only if the service sent none).
+    last_turn: Turn | None
+    #: When the thread's first turn was recorded.
+    create_time: datetime
+    #: When the thread's last turn was recorded.
+    update_time: datetime

@@ -26,7 +26,8 @@ class TurnIdError(Exception):
 
     `code` is the gRPC status code; `reason` the UPPER_SNAKE `ErrorInfo.reason` the service
     documents for each RPC (`""` when the status carried no ErrorInfo, for example a transport
-    failure); `metadata` the ErrorInfo's metadata naming the offending values.
+    failure); `metadata` the ErrorInfo's metadata naming the offending values; `request_id`
+    the idempotency key of a failed write (`""` for reads).
     """
 
     def __init__(
@@ -38,6 +39,7 @@ class TurnIdError(Exception):
         domain: str = "",
         metadata: Mapping[str, str] | None = None,
         field_violations: tuple[FieldViolation, ...] = (),
+        request_id: str = "",
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -46,6 +48,10 @@ class TurnIdError(Exception):
         self.domain = domain
         self.metadata: Mapping[str, str] = MappingProxyType(dict(metadata or {}))
         self.field_violations = field_violations
+        #: The request_id every attempt of the failed write carried ("" for reads). Pass it back
+        #: (`client.allocate(..., request_id=error.request_id)`) to repeat the same logical step:
+        #: if an attempt committed, the service returns the original turns.
+        self.request_id = request_id
 
     def __str__(self) -> str:
         label = self.reason or self.code.name
@@ -54,7 +60,8 @@ class TurnIdError(Exception):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(code={self.code.name}, reason={self.reason!r}, "
-            f"message={self.message!r}, metadata={dict(self.metadata)!r})"
+            f"message={self.message!r}, metadata={dict(self.metadata)!r}, "
+            f"request_id={self.request_id!r})"
         )
 
 
@@ -67,30 +74,82 @@ class Conflict(TurnIdError):
 
 
 class NotFound(TurnIdError):
-    """NOT_FOUND: TURN_NOT_FOUND."""
+    """NOT_FOUND: TURN_NOT_FOUND (`get`) or THREAD_NOT_FOUND (`get_thread`)."""
+
+
+class FailedPrecondition(TurnIdError):
+    """FAILED_PRECONDITION: THREAD_ADVANCED, a conditional write (`expected_last_sequence=`)
+    found that the thread had moved on. Never retried: look again, then decide.
+
+    `last_sequence` is the thread's last sequence when the write was refused (from the
+    ErrorInfo metadata; -1 if the service sent none).
+    """
+
+    @property
+    def last_sequence(self) -> int:
+        try:
+            return int(self.metadata.get("last_sequence", "-1"))
+        except ValueError:
+            return -1
 
 
 class Unavailable(TurnIdError):
-    """UNAVAILABLE: the service or its store cannot be reached. The client retries these within
-    the call's deadline with the same request_id; this is raised when the deadline runs out."""
+    """UNAVAILABLE: the service or its store cannot be reached, or the server is draining
+    (SHUTTING_DOWN). The client retries these within the call's deadline with the same
+    request_id; this is raised when the deadline runs out."""
 
 
 class DeadlineExceeded(TurnIdError):
-    """DEADLINE_EXCEEDED: the call's deadline passed before it completed."""
+    """DEADLINE_EXCEEDED: the call's deadline passed before it completed. A write may have
+    committed: repeat it with `request_id=error.request_id` to learn its outcome safely."""
 
 
 class ResourceExhausted(TurnIdError):
-    """RESOURCE_EXHAUSTED: the service is overloaded."""
+    """RESOURCE_EXHAUSTED (OVERLOADED): the service is overloaded. Retried like UNAVAILABLE
+    within the deadline; this is raised when the deadline runs out."""
+
+
+class Cancelled(TurnIdError):
+    """CANCELLED: the call was cancelled, by the server (retried for writes and reads within the
+    deadline; this is raised when it runs out) or locally (the client was closed mid-call)."""
+
+
+class Unauthenticated(TurnIdError):
+    """UNAUTHENTICATED: MISSING_CREDENTIALS (no token where one is required) or
+    INVALID_CREDENTIALS (unknown or malformed token)."""
+
+
+class PermissionDenied(TurnIdError):
+    """PERMISSION_DENIED: the credentials are valid but may not do this."""
+
+
+class Internal(TurnIdError):
+    """INTERNAL (INTERNAL_ERROR): an unexpected failure inside the service. Not retried.
+    `correlation_id` names the server's log line about it ("" when absent)."""
+
+    @property
+    def correlation_id(self) -> str:
+        return self.metadata.get("correlation_id", "")
 
 
 _CLASSES: dict[grpc.StatusCode, type[TurnIdError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.ALREADY_EXISTS: Conflict,
     grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.INTERNAL: Internal,
 }
+
+
+def error_class(code: grpc.StatusCode) -> type[TurnIdError]:
+    """The `TurnIdError` subclass for a status code (`TurnIdError` itself for the rest)."""
+    return _CLASSES.get(code, TurnIdError)
 
 
 def _rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
@@ -103,7 +162,7 @@ def _rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
     return status
 
 
-def error_from_rpc(error: grpc.RpcError) -> TurnIdError:
+def error_from_rpc(error: grpc.RpcError, request_id: str = "") -> TurnIdError:
     """The typed error for a failed call, with ErrorInfo and BadRequest decoded when present."""
     code_method = getattr(error, "code", None)
     details_method = getattr(error, "details", None)
@@ -127,12 +186,12 @@ def error_from_rpc(error: grpc.RpcError) -> TurnIdError:
                 violations.extend(
                     FieldViolation(v.field, v.description) for v in bad_request.field_violations
                 )
-    cls = _CLASSES.get(code, TurnIdError)
-    return cls(
+    return error_class(code)(
         code,
         message,
         reason=reason,
         domain=domain,
         metadata=metadata,
         field_violations=tuple(violations),
+        request_id=request_id,
     )
