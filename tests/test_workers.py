@@ -31,7 +31,7 @@ class Workers:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={"TURNID_DRAIN": "0", **os.environ, "PYTHONUNBUFFERED": "1"},
         )
         self.log: list[str] = []
         self._lines: queue.Queue[str | None] = queue.Queue()
@@ -120,5 +120,6 @@ def test_workers_refuse_the_memory_store() -> None:
         text=True,
         timeout=60,
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "memory:" in result.stderr and "same turn ids" in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "--workers" in result.stderr

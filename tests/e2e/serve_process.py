@@ -21,7 +21,8 @@ def serve_command(*args: str) -> list[str]:
 class ServeProcess:
     def __init__(self, database: str, *extra: str, listen: str = "127.0.0.1:0") -> None:
         command = serve_command("--listen", listen, "--database", database, *extra)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # No drain unless the test (or its environment) asks: tests stop servers by the dozen.
+        env = {"TURNID_DRAIN": "0", **os.environ, "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
             command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
         )

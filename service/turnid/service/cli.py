@@ -1,16 +1,25 @@
-"""`turnid` command line: `turnid serve` runs the service, `turnid migrate` updates a schema."""
+"""`turnid` command line: `turnid serve` runs the service, `turnid migrate` updates a schema,
+`turnid token create` makes a bearer token; the client commands talk to a running service."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
-import os
 import sys
 from collections.abc import Sequence
 
 from turnid.client.cli import add_client_commands, run_client_command
-from turnid.service.config import DEFAULT_LISTEN, ServerConfig, default_database_url
+from turnid.service import logs
+from turnid.service.auth import add_token_commands, run_token_command
+from turnid.service.config import (
+    SETTINGS,
+    ConfigError,
+    LoadedConfig,
+    add_serve_arguments,
+    default_database_url,
+    load_serve_config,
+    render_config,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,43 +32,13 @@ def _parser() -> argparse.ArgumentParser:
         "serve",
         help="run the gRPC service",
         description="Run the turnid gRPC service (TurnIdService, grpc.health.v1, reflection) "
-        "until SIGTERM or SIGINT, then finish in-flight calls and exit 0.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "until SIGTERM or SIGINT; then health says NOT_SERVING, calls are served on for "
+        "--drain seconds, new calls are refused UNAVAILABLE, in-flight calls get --grace "
+        "seconds, and it exits 0 (a second signal: at once, status 128+signal). Every setting "
+        "comes from its flag, else its TURNID_* environment variable, else the --config TOML "
+        "file, else its default.",
     )
-    serve.add_argument(
-        "--listen",
-        default=os.environ.get("TURNID_LISTEN", DEFAULT_LISTEN),
-        metavar="HOST:PORT",
-        help="address to listen on; port 0 picks a free one (env TURNID_LISTEN)",
-    )
-    serve.add_argument(
-        "--database",
-        default=default_database_url(),
-        metavar="URL",
-        help="memory:, sqlite:///path/to/file.db or postgresql://... (env TURNID_DATABASE)",
-    )
-    serve.add_argument(
-        "--grace",
-        type=float,
-        default=10.0,
-        metavar="SECONDS",
-        help="how long in-flight calls may finish after SIGTERM/SIGINT",
-    )
-    serve.add_argument(
-        "--migrate",
-        action=argparse.BooleanOptionalAction,
-        default=os.environ.get("TURNID_MIGRATE", "1").lower() not in ("0", "false", "no", "off"),
-        help="PostgreSQL: apply pending schema migrations at start; with --no-migrate, refuse "
-        "to start unless `turnid migrate` has run (env TURNID_MIGRATE=0 for --no-migrate)",
-    )
-    serve.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        metavar="N",
-        help="service processes sharing the port (SO_REUSEPORT); needs sqlite: or postgresql:",
-    )
-    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    add_serve_arguments(serve)
     migrate = commands.add_parser(
         "migrate",
         help="create or update the database schema",
@@ -73,34 +52,59 @@ def _parser() -> argparse.ArgumentParser:
         help="sqlite:///path/to/file.db or postgresql://... (env TURNID_DATABASE; "
         f"default {default_database_url()})",
     )
+    add_token_commands(commands)  # token create
     add_client_commands(commands)  # allocate, claim, get, list, parse
     return parser
 
 
+def _bad_setting(loaded: LoadedConfig, error: ConfigError) -> int:
+    """One line naming the setting and where its value came from; exit status 2."""
+    setting = next((s for s in SETTINGS if s.field == error.setting), None)
+    message = str(error)
+    if setting is not None and not message.startswith(setting.flag):
+        message = f"{setting.flag}: {message} (from {loaded.sources[setting.field]})"
+    print(f"turnid serve: {message}", file=sys.stderr)
+    return 2
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from turnid.service.server import serve
+    # First: a stop signal from here on ends start-up cleanly (see server.StopSignals).
+    from turnid.service.server import Security, StopSignals, serve
     from turnid.service.stores import open_store
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    signals = StopSignals.install()
     try:
-        config = ServerConfig(listen=args.listen, database=args.database, grace_seconds=args.grace)
-    except ValueError as error:
+        loaded = load_serve_config(args)
+    except ConfigError as error:
         print(f"turnid serve: {error}", file=sys.stderr)
         return 2
-    if args.workers != 1:
-        from turnid.service.workers import serve_workers
+    if args.print_config:
+        sys.stdout.write(render_config(loaded))
+        return 0
+    config = loaded.config
+    logs.configure(config.log_level, config.log_format)
+    try:
+        security = Security.from_config(config)  # bad TLS or tokens files: exit 2
+    except ConfigError as error:
+        return _bad_setting(loaded, error)
+    if config.workers != 1:
+        from turnid.service.workers import check_workers, serve_workers
 
         try:
-            return serve_workers(
-                config, args.workers, migrate=args.migrate, log_level=args.log_level
-            )
-        except (OSError, ValueError) as error:
+            check_workers(config.database, config.workers)
+        except ValueError as error:
+            return _bad_setting(loaded, ConfigError("workers", str(error)))
+        try:
+            return serve_workers(config, signals=signals)
+        except OSError as error:
             print(f"turnid serve: {error}", file=sys.stderr)
             return 1
     try:
-        asyncio.run(serve(config, open_store(config.database, migrate=args.migrate)))
+        store = open_store(config.database, migrate=config.migrate)
+    except ValueError as error:
+        return _bad_setting(loaded, ConfigError("database", str(error)))
+    try:
+        asyncio.run(serve(config, store, signals=signals, security=security))
     except (OSError, ValueError, RuntimeError) as error:
         print(f"turnid serve: {error}", file=sys.stderr)
         return 1
@@ -142,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "migrate":
         return _migrate(args)
+    if args.command == "token":
+        return run_token_command(args)
     if getattr(args, "client_command", None) is not None:
         return run_client_command(args)
     raise AssertionError(args.command)

@@ -6,13 +6,19 @@ that several processes may write: SQLite (one file, serialized by its write lock
 `memory:` is refused, since separate memories would hand out the same ids twice.
 
 The parent only supervises: it starts the workers, reports `serving on HOST:PORT` once all of
-them are, and on SIGTERM or SIGINT passes SIGTERM on to every worker, waits for their graceful
-stop and exits 0. If a worker dies on its own, the parent stops the others and exits 1, so that
-whatever supervises the parent (systemd, Kubernetes) restarts the whole group.
+them are, and on SIGTERM or SIGINT passes SIGTERM on to every worker (each drains and stops as
+a single `turnid serve` does), waits for them and exits 0; SIGHUP is passed on too (tokens
+reload); a second SIGTERM/SIGINT kills the workers and exits at once (128 + signal). If a
+worker dies on its own, the parent stops the others and exits 1, so that whatever supervises
+the parent (systemd, Kubernetes) restarts the whole group.
+
+Workers die with the parent even when it is SIGKILLed: on Linux each worker asks the kernel
+for SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG), then stops gracefully.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -22,19 +28,24 @@ import socket
 import sys
 from multiprocessing.connection import Connection, wait
 from types import FrameType
+from typing import Protocol
 
 from turnid.service.config import ServerConfig, redact_url
 
 log = logging.getLogger("turnid.workers")
 
 
+class StopSignalsLike(Protocol):
+    received: list[int]
+
+
 def check_workers(database: str, workers: int) -> None:
     """Refuse worker counts and stores that cannot work (ValueError with the reason)."""
     if workers < 1:
-        raise ValueError(f"--workers must be at least 1, not {workers}")
+        raise ValueError(f"must be at least 1, not {workers}")
     if workers > 1 and database == "memory:":
         raise ValueError(
-            "--workers > 1 needs a shared store (sqlite:///... or postgresql://...): each worker "
+            "more than 1 needs a shared store (sqlite:///... or postgresql://...): each worker "
             "would have its own memory: store and hand out the same turn ids twice"
         )
 
@@ -72,23 +83,45 @@ def _reserve_port(listen: str) -> tuple[socket.socket, str]:
     return reserved, f"{shown_host}:{address[1]}"
 
 
-def _worker(config: ServerConfig, migrate: bool, log_level: str, ready: Connection) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: have the kernel send this worker SIGTERM when the parent dies, even by SIGKILL
+    (prctl PR_SET_PDEATHSIG), so no worker outlives its supervisor holding the port and the
+    store. The worker then stops gracefully like on any SIGTERM. Elsewhere this is a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d)", ctypes.get_errno())
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _worker(config: ServerConfig, parent_pid: int, ready: Connection) -> None:
     """One worker process: `turnid serve` on the shared port; sends its port when serving."""
+    from turnid.service import logs
+    from turnid.service.server import StopSignals
+
+    signals = StopSignals.install()  # before anything slow: a SIGTERM now ends start-up
+    _die_with_parent(parent_pid)
+
     import asyncio
 
     from turnid.service.server import serve
     from turnid.service.stores import open_store
 
-    logging.basicConfig(
-        level=log_level.upper(),
-        format=f"%(asctime)s %(levelname)s %(name)s[{os.getpid()}]: %(message)s",
-    )
+    logs.configure(config.log_level, config.log_format, tag_pid=True)
     try:
         asyncio.run(
             serve(
                 config,
-                open_store(config.database, migrate=migrate),
+                open_store(config.database, migrate=config.migrate),
                 on_serving=lambda server: ready.send(server.port),
+                signals=signals,
             )
         )
     except (OSError, ValueError, RuntimeError) as error:
@@ -96,33 +129,50 @@ def _worker(config: ServerConfig, migrate: bool, log_level: str, ready: Connecti
         sys.exit(1)
 
 
-def serve_workers(
-    config: ServerConfig, workers: int, *, migrate: bool = True, log_level: str = "INFO"
-) -> int:
-    """Run `workers` worker processes until SIGTERM/SIGINT; the exit status for `turnid serve`."""
-    check_workers(config.database, workers)
+def serve_workers(config: ServerConfig, *, signals: StopSignalsLike | None = None) -> int:
+    """Run `config.workers` worker processes until SIGTERM/SIGINT; the exit status for
+    `turnid serve`. `signals.received` holds stop signals that came before (start-up)."""
+    check_workers(config.database, config.workers)
     reserved, listen = _reserve_port(config.listen)
     worker_config = dataclasses.replace(config, listen=listen, reuse_port=True)
 
-    # Signals only set a flag; the wakeup fd interrupts the wait below.
+    # Signals only set a flag; the wakeup fd interrupts the wait below. A second stop signal
+    # kills the workers and exits at once.
     wakeup_read, wakeup_write = socket.socketpair()
     wakeup_write.setblocking(False)
-    stop_signal: list[int] = []
+    stop_signal: list[int] = list(signals.received) if signals is not None else []
+    processes: list[multiprocessing.process.BaseProcess] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            for process in processes:
+                if process.is_alive() and process.pid is not None:
+                    os.kill(process.pid, signal.SIGHUP)
+            return
         stop_signal.append(signum)
+        if len(stop_signal) > 1:
+            for process in processes:
+                if process.pid is not None:
+                    with contextlib.suppress(OSError):
+                        os.kill(process.pid, signal.SIGKILL)
+            from turnid.service.server import exit_at_once
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+            exit_at_once(signum)
+
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, on_signal) for sig in handled}
     previous_fd = signal.set_wakeup_fd(wakeup_write.fileno(), warn_on_full_buffer=False)
     # spawn, not fork: gRPC's threads and polling do not survive a fork.
     context = multiprocessing.get_context("spawn")
-    processes: list[multiprocessing.process.BaseProcess] = []
+    status = 1
     try:
         readies = []
-        for _ in range(workers):
+        for _ in range(config.workers):
+            if stop_signal:
+                break
             receive, send = context.Pipe(duplex=False)
             process = context.Process(
-                target=_worker, args=(worker_config, migrate, log_level, send), name="turnid-worker"
+                target=_worker, args=(worker_config, os.getpid(), send), name="turnid-worker"
             )
             process.start()
             send.close()
@@ -130,7 +180,7 @@ def serve_workers(
             readies.append(receive)
         status = _supervise(processes, readies, wakeup_read, stop_signal, listen, config)
     finally:
-        failed = _stop(processes, config.grace_seconds + 10.0)
+        failed = _stop(processes, config.drain_seconds + config.grace_seconds + 10.0)
         signal.set_wakeup_fd(previous_fd)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -156,12 +206,16 @@ def _supervise(
             if ready is wakeup:
                 wakeup.recv(64)
             elif ready in sentinels:
+                if stop_signal:
+                    break
                 return 1  # a worker could not start; it said why on stderr
             else:
                 assert isinstance(ready, Connection)
                 try:
                     ready.recv()
                 except EOFError:  # exited before serving
+                    if stop_signal:
+                        break
                     return 1
                 starting.discard(ready)
     if not stop_signal:
@@ -188,7 +242,10 @@ def _supervise(
 
 
 def _stop(processes: list[multiprocessing.process.BaseProcess], timeout: float) -> int:
-    """SIGTERM every live worker and wait; 1 if any failed or had to be killed, else 0."""
+    """SIGTERM every live worker and wait; 1 if any failed or had to be killed, else 0.
+
+    A worker that SIGTERM ended before it had installed its handlers (exit status -SIGTERM)
+    stopped as asked."""
     for process in processes:
         if process.is_alive() and process.pid is not None:
             os.kill(process.pid, signal.SIGTERM)
@@ -200,6 +257,6 @@ def _stop(processes: list[multiprocessing.process.BaseProcess], timeout: float) 
             process.kill()
             process.join()
             failed = 1
-        elif process.exitcode != 0:
+        elif process.exitcode not in (0, -signal.SIGTERM):
             failed = 1
     return failed
