@@ -14,7 +14,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import grpc
 import grpc.aio
@@ -46,9 +46,7 @@ def status_for(failure: Failure) -> grpc.Status:
         packed = any_pb2.Any()
         packed.Pack(info)
         details.append(packed)
-    status = status_pb2.Status(
-        code=failure.code.value[0], message=failure.message, details=details
-    )
+    status = status_pb2.Status(code=failure.code.value[0], message=failure.message, details=details)
     return rpc_status.to_status(status)
 
 
@@ -233,7 +231,7 @@ class FakeTurnId(turnid_pb2_grpc.TurnIdServiceServicer):  # type: ignore[misc]
             sent = max(sent, len(history))
             while True:
                 async with self.changed:
-                    await self.changed.wait_for(lambda: len(history) > sent)
+                    await self.changed.wait_for(lambda sent=sent: len(history) > sent)
                 yield turnid_pb2.WatchTurnsResponse(turns=history[sent:], caught_up=True)
                 sent = len(history)
         finally:
@@ -271,7 +269,7 @@ class FakeServer:
 
 
 class _Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
-    serving: dict[str, int] = {
+    serving: ClassVar[dict[str, int]] = {
         "": health_pb2.HealthCheckResponse.SERVING,
         "turnid.v1.TurnIdService": health_pb2.HealthCheckResponse.SERVING,
         "sick": health_pb2.HealthCheckResponse.NOT_SERVING,
