@@ -76,7 +76,8 @@ def test_claim_get_list(turnid_server: TurnIdTestServer, thread_id: str) -> None
 
     with TurnIdClient(target) as client:
         client.allocate_batch(thread_id, TurnKind.USER_INPUT, 4)
-    listed = as_json(turnid("list", thread_id, "--json", "--page-size", "2", target=target))
+    done = turnid("list", thread_id, "--json", "--page-size", "2", target=target)
+    listed = [json.loads(line) for line in done.stdout.splitlines()]  # JSON lines
     assert [t["sequence"] for t in listed] == [1, 2, 3, 4, 5]
     assert listed[0] == claimed
 
