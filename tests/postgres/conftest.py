@@ -1,4 +1,5 @@
-"""PostgreSQL fixtures: a fresh database per test, and three `turnid serve` replicas on it.
+"""PostgreSQL fixtures: a fresh database or a private schema per test, stores on it (replicas
+of one service in one process), and three `turnid serve` replicas on a fresh database.
 
 Every test here needs TURNID_TEST_POSTGRES_DSN (CI sets it to the local server) and is skipped
 with that reason otherwise.
@@ -8,13 +9,16 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
 import pytest
 from psycopg import sql
+
+from turnid.service.stores.postgres import PostgresStore
 
 from ..e2e.serve_process import ServeProcess
 
@@ -48,6 +52,50 @@ async def database_url() -> AsyncIterator[str]:
             await admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+def with_search_path(dsn: str, schema: str) -> str:
+    """`dsn` with every session's search_path set to `schema` (so tables land there)."""
+    parts = urlsplit(dsn)
+    option = "options=" + quote(f"-csearch_path={schema}", safe="")
+    query = f"{parts.query}&{option}" if parts.query else option
+    return urlunsplit(parts._replace(query=query))
+
+
+@pytest.fixture
+async def schema_url() -> AsyncIterator[str]:
+    """A private, empty schema in the shared test database (cheaper than a database), dropped
+    afterwards: tests that create, migrate or drop tables do it there."""
+    assert POSTGRES_DSN
+    name = f"turnid_test_{uuid.uuid4().hex[:16]}"
+    async with await psycopg.AsyncConnection.connect(POSTGRES_DSN, autocommit=True) as admin:
+        await admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+    try:
+        yield with_search_path(POSTGRES_DSN, name)
+    finally:
+        async with await psycopg.AsyncConnection.connect(POSTGRES_DSN, autocommit=True) as admin:
+            await admin.execute(
+                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name))
+            )
+
+
+StoreMaker = Callable[..., Awaitable[PostgresStore]]
+
+
+@pytest.fixture
+async def make_store(schema_url: str) -> AsyncIterator[StoreMaker]:
+    """Opens PostgresStores on the private schema (each one is a replica); closes them after."""
+    opened: list[PostgresStore] = []
+
+    async def make(**options: Any) -> PostgresStore:
+        store = PostgresStore(options.pop("url", schema_url), **options)
+        await store.open()
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        await store.close()
 
 
 @pytest.fixture

@@ -1,27 +1,42 @@
 """The PostgreSQL store: any number of stateless `turnid serve` replicas on one database.
 
-An allocation is at most two statements on an autocommit connection:
+Allocation (invariants 1, 2, 4, 5, 8): one READ COMMITTED transaction, two round trips, the
+statements of each sent together in a psycopg pipeline:
 
-1. with a request_id, look it up; a known one returns the original turns (or REQUEST_ID_REUSED);
-2. one statement (so one transaction, READ COMMITTED is enough) whose data-modifying CTEs run
-   `INSERT INTO threads ... ON CONFLICT DO UPDATE ... RETURNING` to create or bump the thread's
-   counters, insert the request row (if any), and insert the turns at consecutive sequences.
-   The counter update row-locks the thread until the statement commits, so allocations within a
-   thread are serialized across every replica while other threads proceed in parallel; the lock
-   is held for one statement and its commit, never across a network round trip to us.
+1. `BEGIN`; `INSERT INTO threads ... ON CONFLICT DO NOTHING` (a new thread gets its row);
+   `SELECT ... FOR UPDATE` of the thread row, which waits for and then holds the thread's lock
+   and returns its state as the previous holder committed it; then, in new statements (so new
+   snapshots, taken after the lock was granted, that see whatever the previous holder
+   committed), the request_id's record and, for a claim, whether the thread has the id.
+2. `domain.allocation.decide()` in Python, then one write statement (CTEs: the thread's new
+   state, the request row, the turns) and `COMMIT`. A replay reads its turns instead; a
+   refusal rolls back.
 
-A request with the same request_id that committed after step 1 (it held the lock we waited
-for) makes step 2 hit the requests primary key (the request row is inserted before the turns,
-so this holds for claims too): retried, and step 1 then finds it. A claimed id the thread
-already has hits the (thread_id, turn_id) unique key: TURN_ID_TAKEN, nothing written.
-Serialization failures and deadlocks (engines running SERIALIZABLE) are retried in here.
+The thread row lock serializes allocations within a thread across every replica (other threads
+proceed in parallel), and every id is minted under it from the thread's `last_minted`, so UUID
+order is history order whatever the replicas' clocks. A minted id that collides with a claimed
+one (astronomically rare) fails the turns' unique key: the transaction rolls back and is
+retried with that id reported taken. Serialization failures and deadlocks (engines running
+SERIALIZABLE) are retried too.
 
-Faults: connection errors, pool timeouts and any other database error become STORE_UNAVAILABLE
-(gRPC UNAVAILABLE, retryable with the same request_id), never INTERNAL. The pool replaces
-broken connections in the background, so the store recovers by itself after a database restart;
-a pooled connection found dead is replaced transparently when repeating the work is safe (reads,
-allocations with a request_id). When the database cannot be reached at `open()`, it raises
-`PostgresUnreachableError` (a RuntimeError) with a one-line message.
+Watch (invariant 11): after each commit the store wakes its own watchers and queues the thread
+for a background notifier that sends the queued threads in one `pg_notify` statement (one
+transaction per batch, outside the allocation: NOTIFY takes a cluster-wide lock at commit that
+would serialize every allocation's commit). One listening connection per store turns other
+replicas' notifications into `changes.publish`; after it (re)connects it wakes every watcher,
+since notifications may have been lost. Notifications are only wake-ups: watchers re-read
+`sequence > last`, and re-read every `fallback_interval` anyway.
+
+Faults (invariants 7, 9): every server-side wait is bounded below the client's 10 s deadline:
+pool acquire, `statement_timeout`, `lock_timeout` and `idle_in_transaction_session_timeout` on
+every connection, TCP keepalives. Timeouts, lock waits, connection errors and any other
+database error become STORE_UNAVAILABLE (details in the log only). Pooled connections are
+checked when taken from the pool (no round trip unless the server sent something while the
+connection was idle, as it does when it restarts or terminates the backend: then a full check),
+so dead connections are replaced before use; an attempt whose connection died before its
+commit was sent is repeated on another connection. When the database cannot be reached at
+`open()` or `migrate()` fails, they raise `PostgresUnreachableError` / `PostgresSchemaError`
+(RuntimeErrors) with a one-line message.
 
 Migrations are the SQL files in `postgres_migrations/` (`NNNN_name.sql`), applied in order in one
 transaction under a transaction-level advisory lock and recorded in `turnid_schema_migrations`.
@@ -29,9 +44,14 @@ transaction under a transaction-level advisory lock and recorded in `turnid_sche
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import logging
 import re
+import select
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -44,13 +64,17 @@ from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from turnid.service.config import redact_url
-from turnid.service.domain.errors import (
-    TurnIdError,
-    request_id_reused,
-    store_unavailable,
-    turn_id_taken,
+from turnid.service.domain.allocation import Replay, decide
+from turnid.service.domain.errors import TurnIdError, store_unavailable
+from turnid.service.domain.model import (
+    Allocation,
+    RequestRecord,
+    ThreadInfo,
+    ThreadState,
+    Turn,
+    TurnKind,
 )
-from turnid.service.domain.model import COMPACTION_PREFIX, Allocation, Turn, TurnKind
+from turnid.service.domain.watch import ChangeFeed, ThreadKey
 
 log = logging.getLogger("turnid.postgres")
 _T = TypeVar("_T")
@@ -60,58 +84,74 @@ Connection = psycopg.AsyncConnection[TupleRow]
 SCHEMA_TABLE = "turnid_schema_migrations"
 # pg_advisory_xact_lock key that serializes migrations across replicas: "turnid" in ASCII.
 MIGRATION_LOCK_KEY = 0x7475726E6964
+#: The channel every replica NOTIFYs after allocations and LISTENs on.
+NOTIFY_CHANNEL = "turnid_turns"
 _MIGRATION_FILE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 _DEFAULT_CONNECT_TIMEOUT_S = 5
+# Dead peers are noticed within idle + interval * count = 8 s, below the client's deadline.
+_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 1,
+    "keepalives_count": 3,
+}
+_NOTIFY_PAYLOAD_MAX = 7900  # bytes; PostgreSQL's limit is 8000
+_LISTEN_BACKOFF_S = (0.05, 2.0)
 
 _TURN_COLUMNS = "thread_id, turn_id, kind, sequence, create_time_us, request_id, claimed"
-# One statement, so one transaction and one round trip: create or bump the thread's counter row
-# (INSERT ... ON CONFLICT DO UPDATE row-locks it until the statement commits, serializing
-# allocations within the thread), then insert the request row (if any) and the turns at the
-# sequences the bump returned. `turn_ids` holds the minted or claimed ids, or NULLs for
-# compaction turns, which take `auto-compact-<n>` from the counter.
-#
-# The request row must be inserted before the turns: a copy of this request that committed
-# while we waited for the thread's lock must fail on requests_pkey (retried: the lookup then
-# returns the original), not on the claimed turn id (TURN_ID_TAKEN). PostgreSQL runs
-# data-modifying CTEs in no promised order (in practice one that nothing reads runs last), so
-# the order is made a data dependency: the turns take their first sequence from the request
-# row's RETURNING (`start`), which exists only once that row is in, past its unique check.
-_ALLOCATE = """
-WITH bump AS (
-    INSERT INTO threads AS t (thread_id, next_sequence, next_compaction)
-    VALUES (%(thread_id)s, 1 + %(count)s, %(compactions)s)
-    ON CONFLICT (thread_id) DO UPDATE SET
-        next_sequence = t.next_sequence + %(count)s,
-        next_compaction = t.next_compaction + %(compactions)s
-    RETURNING t.next_sequence - %(count)s AS first_sequence,
-              t.next_compaction - %(compactions)s AS first_compaction
-), request AS (
-    INSERT INTO requests (thread_id, request_id, kind, count, claimed_turn_id, first_sequence)
-    SELECT %(thread_id)s, %(request_id)s, %(kind)s, %(count)s, %(claimed_turn_id)s,
-           bump.first_sequence
-    FROM bump
-    WHERE %(request_id)s <> ''
-    RETURNING first_sequence
-), start AS (
-    SELECT first_sequence FROM request
-    UNION ALL
-    SELECT first_sequence FROM bump WHERE %(request_id)s = ''
-), new_turns AS (
-    INSERT INTO turns (thread_id, turn_id, kind, sequence, create_time_us, request_id, claimed)
-    SELECT %(thread_id)s,
-           COALESCE(ids.turn_id, %(compaction_prefix)s || (bump.first_compaction + ids.n - 1)),
-           %(kind)s, start.first_sequence + ids.n - 1, %(create_time_us)s, %(request_id)s,
-           %(claimed)s
-    FROM bump, start, unnest(%(turn_ids)s::text[]) WITH ORDINALITY AS ids(turn_id, n)
-    RETURNING turn_id, sequence
+_STATE_COLUMNS = (
+    "next_sequence, next_compaction, last_minted, max_claimed, create_time_us, update_time_us"
 )
-SELECT turn_id, sequence FROM new_turns ORDER BY sequence
+_NEW_THREAD = (
+    f"INSERT INTO threads (namespace, thread_id, {_STATE_COLUMNS}) "
+    "VALUES (%s, %s, 1, 0, '', '', 0, 0) ON CONFLICT DO NOTHING"
+)
+_LOCK_THREAD = (
+    f"SELECT {_STATE_COLUMNS} FROM threads WHERE namespace = %s AND thread_id = %s FOR UPDATE"
+)
+_SEEN = (
+    "SELECT kind, count, claimed_turn_id, first_sequence FROM requests "
+    "WHERE namespace = %s AND thread_id = %s AND request_id = %s"
+)
+_TAKEN = "SELECT turn_id FROM turns WHERE namespace = %s AND thread_id = %s AND turn_id = ANY(%s)"
+_WRITE = """
+WITH thread AS (
+    UPDATE threads SET
+        next_sequence = %(next_sequence)s, next_compaction = %(next_compaction)s,
+        last_minted = %(last_minted)s, max_claimed = %(max_claimed)s,
+        create_time_us = %(create_time_us)s, update_time_us = %(update_time_us)s
+    WHERE namespace = %(namespace)s AND thread_id = %(thread_id)s
+), request AS (
+    INSERT INTO requests
+        (namespace, thread_id, request_id, kind, count, claimed_turn_id, first_sequence)
+    SELECT %(namespace)s, %(thread_id)s, %(request_id)s, %(kind)s, %(count)s,
+           %(claimed_turn_id)s, %(first_sequence)s
+    WHERE %(has_record)s
+)
+INSERT INTO turns
+    (namespace, thread_id, sequence, turn_id, kind, request_id, claimed, create_time_us)
+SELECT %(namespace)s, %(thread_id)s, %(first_sequence)s + ids.n - 1, ids.turn_id, %(kind)s,
+       %(request_id)s, %(claimed)s, %(now_us)s
+FROM unnest(%(turn_ids)s::text[]) WITH ORDINALITY AS ids(turn_id, n)
 """
-_TURN_ID_KEY = "turns_thread_id_turn_id_key"
+_TURN_ID_KEY = "turns_turn_id_key"
+_GET_THREAD = f"""
+SELECT {", ".join(f"th.{c.strip()}" for c in _STATE_COLUMNS.split(","))},
+       {", ".join(f"t.{c.strip()}" for c in _TURN_COLUMNS.split(","))}
+FROM threads th
+JOIN turns t ON t.namespace = th.namespace AND t.thread_id = th.thread_id
+             AND t.sequence = th.next_sequence - 1
+WHERE th.namespace = %s AND th.thread_id = %s
+"""
 
 
 class PostgresUnreachableError(RuntimeError):
     """The database could not be reached (or its schema is not usable) when the store opened."""
+
+
+class PostgresSchemaError(RuntimeError):
+    """The schema could not be checked or migrated (permissions, version, a failed statement).
+    The message is one line, fit for a CLI."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +178,7 @@ def migrations() -> list[Migration]:
     found.sort(key=lambda migration: migration.version)
     if [m.version for m in found] != list(range(1, len(found) + 1)):
         names = [m.name for m in found]
-        raise RuntimeError(f"PostgreSQL migrations are not numbered 1..n: {names}")
+        raise PostgresSchemaError(f"PostgreSQL migrations are not numbered 1..n: {names}")
     return found
 
 
@@ -146,11 +186,21 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def _described(error: psycopg.Error) -> str:
+    state = f" [{error.sqlstate}]" if error.sqlstate else ""
+    return f"{_one_line(error)}{state}"
+
+
 def _connect_kwargs(url: str) -> dict[str, Any]:
-    """autocommit (transactions are explicit), and a connect timeout unless the URL sets one."""
+    """autocommit (transactions are explicit), a connect timeout and TCP keepalives, each
+    unless the URL sets it."""
+    given = conninfo_to_dict(url)
     kwargs: dict[str, Any] = {"autocommit": True}
-    if "connect_timeout" not in conninfo_to_dict(url):
+    if "connect_timeout" not in given:
         kwargs["connect_timeout"] = _DEFAULT_CONNECT_TIMEOUT_S
+    for name, value in _KEEPALIVES.items():
+        if name not in given:
+            kwargs[name] = value
     return kwargs
 
 
@@ -160,49 +210,67 @@ async def migrate(url: str, *, apply: bool = True) -> MigrationResult:
     Safe to run from several replicas at once: everything happens in one transaction that first
     takes a transaction-level advisory lock, so one replica migrates and the others then find
     nothing to do. DDL is transactional in PostgreSQL, so a failed migration leaves no trace.
-    Raises PostgresUnreachableError when the database cannot be reached, and RuntimeError when
-    the schema is newer than this turnid or (with apply=False) older.
+    Every failure is a RuntimeError with a one-line message: PostgresUnreachableError when the
+    database cannot be reached or the connection fails, PostgresSchemaError for everything
+    else (missing privileges, a schema newer than this turnid or, with apply=False, older).
     """
     known = migrations()
+    where = redact_url(url)
     try:
         conn = await psycopg.AsyncConnection.connect(url, **_connect_kwargs(url))
     except psycopg.Error as error:
         raise PostgresUnreachableError(
-            f"cannot connect to PostgreSQL at {redact_url(url)}: {_one_line(error)}"
+            f"cannot connect to PostgreSQL at {where}: {_one_line(error)}"
         ) from error
+    step = "reading the schema version"
+    pending: list[Migration] = []
     try:
         async with conn, conn.transaction():
             if apply:
+                step = "taking the migration lock"
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+                step = f"creating {SCHEMA_TABLE}"
                 await conn.execute(
                     f"CREATE TABLE IF NOT EXISTS {SCHEMA_TABLE} ("
                     "version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
                     "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
                 )
+                step = "reading the schema version"
             applied = await _applied_versions(conn)
             current = max(applied, default=0)
             if current > len(known):
-                raise RuntimeError(
-                    f"the PostgreSQL schema is at version {current}, newer than this turnid "
-                    f"knows ({len(known)}); upgrade turnid"
+                raise PostgresSchemaError(
+                    f"the PostgreSQL schema at {where} is at version {current}, newer than "
+                    f"this turnid knows ({len(known)}); upgrade turnid"
                 )
             pending = [m for m in known if m.version not in applied]
             if pending and not apply:
-                raise RuntimeError(
-                    f"the PostgreSQL schema is at version {current}, this turnid needs "
-                    f"{len(known)}: run `turnid migrate --database URL` first "
+                raise PostgresSchemaError(
+                    f"the PostgreSQL schema at {where} is at version {current}, this turnid "
+                    f"needs {len(known)}: run `turnid migrate --database URL` first "
                     "(or start without --no-migrate)"
                 )
             for migration in pending:
+                step = f"applying {migration.name}"
                 log.info("applying PostgreSQL migration %s", migration.name)
                 await conn.execute(migration.sql)
                 await conn.execute(
                     f"INSERT INTO {SCHEMA_TABLE} (version, name) VALUES (%s, %s)",
                     (migration.version, migration.name),
                 )
+            step = "committing the migration"
     except psycopg.OperationalError as error:
-        raise PostgresUnreachableError(
-            f"PostgreSQL at {redact_url(url)} failed during migration: {_one_line(error)}"
+        if conn.broken or conn.closed:
+            raise PostgresUnreachableError(
+                f"PostgreSQL at {where} failed while {step}: {_described(error)}"
+            ) from error
+        raise PostgresSchemaError(
+            f"PostgreSQL at {where} failed while {step}: {_described(error)}"
+        ) from error
+    except psycopg.Error as error:
+        # Permissions (InsufficientPrivilege), a statement the server refuses, ...
+        raise PostgresSchemaError(
+            f"PostgreSQL at {where} refused {step}: {_described(error)}"
         ) from error
     return MigrationResult(len(known), [m.name for m in pending])
 
@@ -215,20 +283,53 @@ async def _applied_versions(conn: Connection) -> set[int]:
     return {int(row[0]) for row in rows}
 
 
-def _turn(row: TupleRow) -> Turn:
+def _turn(row: Sequence[Any]) -> Turn:
     return Turn(row[0], row[1], TurnKind(row[2]), row[3], row[4], row[5], bool(row[6]))
+
+
+def _state(row: Sequence[Any]) -> ThreadState:
+    return ThreadState(row[0], row[1], row[2], row[3], row[4], row[5])
 
 
 def _unavailable(error: psycopg.Error) -> TurnIdError:
     if not isinstance(error, psycopg.OperationalError):
         # Not a transient fault: still UNAVAILABLE for the caller, but worth a look.
         log.error("unexpected PostgreSQL error", exc_info=error)
-    state = f" [{error.sqlstate}]" if error.sqlstate else ""
-    return store_unavailable(f"postgresql{state}: {_one_line(error)}")
+    return store_unavailable(f"postgresql: {_described(error)}")
+
+
+def _readable(fd: int) -> bool:
+    if hasattr(select, "poll"):  # no FD_SETSIZE limit
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+async def _check_connection(conn: Connection) -> None:
+    """The pool's check when a connection is taken: free unless the server sent something
+    while the connection sat idle (a restart's or pg_terminate_backend's FATAL, then EOF); a
+    full round-trip check then, which fails on a dead connection, so the pool replaces it."""
+    if conn.closed or conn.broken:
+        raise psycopg.OperationalError("connection is closed")
+    if _readable(conn.pgconn.socket):
+        await AsyncConnectionPool.check_connection(conn)
 
 
 class _Retry(Exception):
     """The transaction was rolled back for a reason that a fresh attempt resolves."""
+
+
+class _Lost(Exception):
+    """The connection died before the commit was sent: nothing was written, so repeating the
+    attempt on another connection is safe even without a request_id."""
+
+
+def _payload(replica: str, key: ThreadKey) -> str:
+    text = json.dumps([replica, *key], ensure_ascii=False, separators=(",", ":"))
+    if len(text.encode()) > _NOTIFY_PAYLOAD_MAX:
+        return json.dumps([replica])  # too long to name: every watcher re-reads
+    return text
 
 
 class PostgresStore:
@@ -237,30 +338,56 @@ class PostgresStore:
         url: str,
         *,
         migrate: bool = True,
-        min_size: int = 2,
-        max_size: int = 10,
-        acquire_timeout_s: float = 5.0,
+        pool_min: int = 2,
+        pool_max: int = 10,
+        acquire_timeout_s: float = 3.0,
+        statement_timeout_s: float = 3.0,
+        lock_timeout_s: float = 2.0,
         open_timeout_s: float = 10.0,
         max_attempts: int = 5,
+        watch_fallback_s: float = 1.5,
     ) -> None:
         self.url = url
         self.migrate = migrate
-        self._min_size = min_size
-        self._max_size = max_size
+        self._pool_min = pool_min
+        self._pool_max = pool_max
         self._acquire_timeout_s = acquire_timeout_s
+        self._statement_timeout_ms = max(1, round(statement_timeout_s * 1000))
+        self._lock_timeout_ms = max(1, round(lock_timeout_s * 1000))
         self._open_timeout_s = open_timeout_s
         self._max_attempts = max_attempts
         self._pool: AsyncConnectionPool[Connection] | None = None
         self._closed = False
+        #: Woken at every commit here and, through NOTIFY, at every commit on other replicas.
+        self.changes = ChangeFeed(fallback_interval=watch_fallback_s)
+        #: Called after each commit with (allocations, turns, seconds in the transaction).
+        self.on_commit: Callable[[int, int, float], None] | None = None
+        self._replica = uuid.uuid4().hex[:12]  # tells our own notifications from others'
+        self._pending: set[ThreadKey] = set()
+        self._notify_wanted = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        #: Set each time the listener is (re)connected and LISTENing (tests wait on it).
+        self.listening = asyncio.Event()
+
+    async def _configure(self, conn: Connection) -> None:
+        # Every server-side wait shorter than the client's 10 s default deadline (invariant 9).
+        # A transaction left open (a stalled replica holding a thread's lock) is ended too.
+        await conn.execute(
+            f"SET statement_timeout = {self._statement_timeout_ms};"
+            f"SET lock_timeout = {self._lock_timeout_ms};"
+            f"SET idle_in_transaction_session_timeout = {self._statement_timeout_ms}"
+        )
 
     async def open(self) -> None:
         await migrate(self.url, apply=self.migrate)
         pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
             self.url,
             kwargs=_connect_kwargs(self.url),
-            min_size=self._min_size,
-            max_size=self._max_size,
+            min_size=self._pool_min,
+            max_size=self._pool_max,
             timeout=self._acquire_timeout_s,
+            configure=self._configure,
+            check=_check_connection,
             name="turnid",
             open=False,
         )
@@ -273,144 +400,261 @@ class PostgresStore:
                 f"{_one_line(error)}"
             ) from error
         self._pool = pool
+        self._closed = False
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="turnid-pg-listen"),
+            asyncio.create_task(self._notify_loop(pool), name="turnid-pg-notify"),
+        ]
 
     async def close(self) -> None:
         self._closed = True
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
+        self.changes.close()
 
     def _require_pool(self) -> AsyncConnectionPool[Connection]:
         if self._pool is None:
             raise store_unavailable("store is closed" if self._closed else "store is not open")
         return self._pool
 
-    # --- writes ------------------------------------------------------------------------------
-
-    async def allocate(self, allocation: Allocation) -> list[Turn]:
-        # With a request_id a repeat is harmless (it returns what the first attempt committed),
-        # so a pooled connection found dead can be replaced transparently.
-        return await self._run(
-            lambda conn: self._allocate_once(conn, allocation),
-            idempotent=bool(allocation.request_id),
-        )
-
     async def _run(self, work: Callable[[Connection], Awaitable[_T]], *, idempotent: bool) -> _T:
         """`work` on a pooled connection. Rolled-back conflicts are retried; a connection that
-        turns out dead is replaced once when repeating `work` is safe; everything else that
-        goes wrong in the database is STORE_UNAVAILABLE."""
+        turns out dead is replaced when repeating `work` is safe; everything else that goes
+        wrong in the database is STORE_UNAVAILABLE."""
         pool = self._require_pool()
         attempt = 0
-        replaced = False
         while True:
             attempt += 1
             used: Connection | None = None
             try:
-                async with pool.connection() as conn:
-                    used = conn
-                    return await work(conn)
-            except (_Retry, pg_errors.SerializationFailure, pg_errors.DeadlockDetected) as error:
+                try:
+                    async with pool.connection() as conn:
+                        used = conn
+                        return await work(conn)
+                except psycopg.OperationalError as error:
+                    if used is not None and used.broken and idempotent:
+                        raise _Lost(_one_line(error)) from error
+                    raise
+            except (
+                _Retry,
+                _Lost,
+                pg_errors.SerializationFailure,
+                pg_errors.DeadlockDetected,
+            ) as error:
                 if attempt >= self._max_attempts:
+                    detail = _one_line(error.__cause__ or error)
                     raise store_unavailable(
-                        f"postgresql: gave up after {attempt} attempts: {_one_line(error)}"
+                        f"postgresql: gave up after {attempt} attempts: {detail}"
                     ) from error
-                log.debug("retrying (attempt %d): %s", attempt, error)
+                log.info("PostgreSQL attempt %d failed, retrying: %s", attempt, error)
             except psycopg.Error as error:
-                # A pooled connection that died while idle (say the database restarted): the
-                # pool discards it; a repeat gets a fresh one or waits for the pool to reconnect.
-                if idempotent and not replaced and used is not None and used.broken:
-                    replaced = True
-                    log.info("PostgreSQL connection lost (%s); retrying", _one_line(error))
-                    continue
                 raise _unavailable(error) from error
 
-    async def _allocate_once(self, conn: Connection, allocation: Allocation) -> list[Turn]:
-        thread_id = allocation.thread_id
+    # --- writes ------------------------------------------------------------------------------
+
+    async def allocate(self, allocation: Allocation) -> list[Turn]:
+        suspects: list[str] = []  # ids a rolled-back attempt found taken
+        turns = await self._run(
+            lambda conn: self._allocate_once(conn, allocation, suspects),
+            # With a request_id a repeat returns what the first attempt committed; without
+            # one, _allocate_once says (by _Lost) when nothing can have been committed.
+            idempotent=bool(allocation.request_id),
+        )
+        return turns
+
+    async def _allocate_once(
+        self, conn: Connection, allocation: Allocation, suspects: list[str]
+    ) -> list[Turn]:
+        namespace, thread_id = allocation.namespace, allocation.thread_id
+        key = (namespace, thread_id)
         request_id = allocation.request_id
         claimed = allocation.claimed_turn_id
-        if request_id:
-            seen = await (
-                await conn.execute(
-                    "SELECT kind, count, claimed_turn_id, first_sequence FROM requests "
-                    "WHERE thread_id = %s AND request_id = %s",
-                    (thread_id, request_id),
-                )
-            ).fetchone()
-            if seen is not None:
-                kind, count, claimed_turn_id, first = seen
-                if not allocation.same_request(kind, count, claimed_turn_id):
-                    raise request_id_reused(thread_id, request_id)
-                return await self._read_range(conn, thread_id, first - 1, count)
-
-        counted = claimed is None and allocation.kind is TurnKind.AUTO_COMPACTION
-        now_us = time.time_ns() // 1000
+        started = time.perf_counter()
+        commit_sent = False
+        turn_ids: list[str] = []
         try:
-            cursor = await conn.execute(
-                _ALLOCATE,
-                {
-                    "thread_id": thread_id,
-                    "count": allocation.count,
-                    "compactions": allocation.compactions,
-                    "request_id": request_id,
-                    "kind": int(allocation.kind),
-                    "claimed_turn_id": claimed,
-                    "claimed": claimed is not None,
-                    "compaction_prefix": COMPACTION_PREFIX,
-                    "create_time_us": now_us,
-                    # Minted ids do not depend on the counter: mint before the statement.
-                    "turn_ids": [None] * allocation.count if counted else allocation.turn_ids(0),
-                },
-            )
-            rows = await cursor.fetchall()
+            async with conn.pipeline() as pipeline, conn.transaction():
+                # Round trip 1: lock the thread, then read (new snapshots) what decide needs.
+                await conn.execute(_NEW_THREAD, key)
+                locked = await conn.execute(_LOCK_THREAD, key)
+                seen_cursor = (
+                    await conn.execute(_SEEN, (namespace, thread_id, request_id))
+                    if request_id
+                    else None
+                )
+                candidates = [claimed, *suspects] if claimed is not None else suspects
+                taken_cursor = (
+                    await conn.execute(_TAKEN, (namespace, thread_id, candidates))
+                    if candidates
+                    else None
+                )
+                await pipeline.sync()
+                row = await locked.fetchone()
+                if row is None:  # the INSERT above guarantees the row
+                    raise _Retry("thread row vanished")
+                state = _state(row)
+                seen = None
+                if seen_cursor is not None:
+                    found = await seen_cursor.fetchone()
+                    if found is not None:
+                        seen = RequestRecord(found[0], found[1], found[2], found[3])
+                taken = {r[0] for r in await taken_cursor.fetchall()} if taken_cursor else set()
+                now_us = time.time_ns() // 1000
+                decision = decide(allocation, state, seen, taken.__contains__, now_us)
+                if isinstance(decision, Replay):
+                    cursor = await conn.execute(
+                        f"SELECT {_TURN_COLUMNS} FROM turns WHERE namespace = %s "
+                        "AND thread_id = %s AND sequence >= %s ORDER BY sequence LIMIT %s",
+                        (namespace, thread_id, decision.first_sequence, decision.count),
+                    )
+                    return [_turn(r) for r in await cursor.fetchall()]
+                # Round trip 2: write, commit (sent together when the blocks exit).
+                new = decision.state
+                record = decision.record
+                turn_ids = [turn.turn_id for turn in decision.turns]
+                await conn.execute(
+                    _WRITE,
+                    {
+                        "namespace": namespace,
+                        "thread_id": thread_id,
+                        "next_sequence": new.next_sequence,
+                        "next_compaction": new.next_compaction,
+                        "last_minted": new.last_minted,
+                        "max_claimed": new.max_claimed,
+                        "create_time_us": new.create_time_us,
+                        "update_time_us": new.update_time_us,
+                        "has_record": record is not None,
+                        "request_id": request_id,
+                        "kind": int(allocation.kind),
+                        "count": allocation.count,
+                        "claimed_turn_id": claimed,
+                        "claimed": claimed is not None,
+                        "first_sequence": state.next_sequence,
+                        "now_us": now_us,
+                        "turn_ids": turn_ids,
+                    },
+                )
+                commit_sent = True
         except pg_errors.UniqueViolation as error:
-            if claimed is not None and error.diag.constraint_name == _TURN_ID_KEY:
-                # The request row went in first (see _ALLOCATE), so the request_id (if any) is
-                # new: the thread really has the claimed id already.
-                raise turn_id_taken(thread_id, claimed) from error
-            # requests_pkey: the same request_id committed after our lookup (we waited for the
-            # thread's lock); the next attempt returns it. Nothing else can collide.
+            if error.diag.constraint_name == _TURN_ID_KEY:
+                # A minted id collided with a claimed one: roll back, retry with it reported.
+                suspects.extend(turn_ids)
             raise _Retry(_one_line(error)) from error
-        if len(rows) != allocation.count:
-            raise RuntimeError(f"allocated {len(rows)} turns, wanted {allocation.count}")
-        return [
-            Turn(
-                thread_id,
-                turn_id,
-                allocation.kind,
-                sequence,
-                now_us,
-                request_id,
-                claimed is not None,
-            )
-            for turn_id, sequence in rows
-        ]
+        except psycopg.OperationalError as error:
+            if conn.broken and not commit_sent:
+                raise _Lost(_one_line(error)) from error
+            raise
+        elapsed = time.perf_counter() - started
+        self._committed(key, len(decision.turns), elapsed)
+        return decision.turns
+
+    def _committed(self, key: ThreadKey, turns: int, seconds: float) -> None:
+        self.changes.publish(key)
+        self._pending.add(key)
+        self._notify_wanted.set()
+        hook = self.on_commit
+        if hook is not None:
+            try:
+                hook(1, turns, seconds)
+            except Exception:
+                log.exception("on_commit hook failed")
 
     # --- reads -------------------------------------------------------------------------------
 
-    @staticmethod
-    async def _read_range(
-        conn: Connection, thread_id: str, after_sequence: int, limit: int
-    ) -> list[Turn]:
-        cursor = await conn.execute(
-            f"SELECT {_TURN_COLUMNS} FROM turns WHERE thread_id = %s AND sequence > %s "
-            "ORDER BY sequence LIMIT %s",
-            (thread_id, after_sequence, limit),
-        )
-        return [_turn(row) for row in await cursor.fetchall()]
-
-    async def get(self, thread_id: str, turn_id: str) -> Turn | None:
+    async def get(self, namespace: str, thread_id: str, turn_id: str) -> Turn | None:
         async def query(conn: Connection) -> Turn | None:
             cursor = await conn.execute(
-                f"SELECT {_TURN_COLUMNS} FROM turns WHERE thread_id = %s AND turn_id = %s",
-                (thread_id, turn_id),
+                f"SELECT {_TURN_COLUMNS} FROM turns "
+                "WHERE namespace = %s AND thread_id = %s AND turn_id = %s",
+                (namespace, thread_id, turn_id),
             )
             row = await cursor.fetchone()
             return _turn(row) if row else None
 
         return await self._run(query, idempotent=True)
 
-    async def list(self, thread_id: str, after_sequence: int, limit: int) -> list[Turn]:
-        return await self._run(
-            lambda conn: self._read_range(conn, thread_id, after_sequence, limit),
-            idempotent=True,
-        )
+    async def list(
+        self, namespace: str, thread_id: str, after_sequence: int, limit: int
+    ) -> list[Turn]:
+        async def query(conn: Connection) -> list[Turn]:
+            cursor = await conn.execute(
+                f"SELECT {_TURN_COLUMNS} FROM turns WHERE namespace = %s AND thread_id = %s "
+                "AND sequence > %s ORDER BY sequence LIMIT %s",
+                (namespace, thread_id, after_sequence, limit),
+            )
+            return [_turn(row) for row in await cursor.fetchall()]
+
+        return await self._run(query, idempotent=True)
+
+    async def get_thread(self, namespace: str, thread_id: str) -> ThreadInfo | None:
+        async def query(conn: Connection) -> ThreadInfo | None:
+            cursor = await conn.execute(_GET_THREAD, (namespace, thread_id))
+            row = await cursor.fetchone()
+            if row is None:
+                return None
+            return ThreadInfo(thread_id, _state(row[:6]), _turn(row[6:]))
+
+        return await self._run(query, idempotent=True)
+
+    # --- change notification -----------------------------------------------------------------
+
+    async def _notify_loop(self, pool: AsyncConnectionPool[Connection]) -> None:
+        """Sends the threads committed here since the last batch, in one statement: while it
+        runs, the next batch gathers. Lost notifications cost watchers one fallback interval."""
+        while True:
+            await self._notify_wanted.wait()
+            self._notify_wanted.clear()
+            keys, self._pending = self._pending, set()
+            if not keys:
+                continue
+            payloads = sorted({_payload(self._replica, key) for key in keys})
+            try:
+                async with pool.connection() as conn:
+                    await conn.execute(
+                        "SELECT pg_notify(%s, payload) FROM unnest(%s::text[]) AS payload",
+                        (NOTIFY_CHANNEL, payloads),
+                    )
+            except psycopg.Error as error:
+                log.info("PostgreSQL NOTIFY failed (watchers will re-read): %s", error)
+
+    async def _listen(self) -> None:
+        """One LISTEN connection per store, reconnecting until the store closes."""
+        backoff = _LISTEN_BACKOFF_S[0]
+        kwargs = _connect_kwargs(self.url)
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self.url, **kwargs)
+                async with conn:
+                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    backoff = _LISTEN_BACKOFF_S[0]
+                    # Notifications sent while we were not listening are lost: re-read all.
+                    self.changes.publish_all()
+                    self.listening.set()
+                    async for notify in conn.notifies():
+                        self._on_notify(notify.payload)
+            except psycopg.Error as error:
+                log.info("PostgreSQL LISTEN connection lost (reconnecting): %s", error)
+            self.listening.clear()
+            self.changes.publish_all()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _LISTEN_BACKOFF_S[1])
+
+    def _on_notify(self, payload: str) -> None:
+        try:
+            fields = json.loads(payload)
+        except ValueError:
+            log.debug("ignoring NOTIFY payload %r", payload)
+            return
+        if not isinstance(fields, list) or not fields or fields[0] == self._replica:
+            return  # our own commit: its watchers were woken at commit
+        if len(fields) == 3 and all(isinstance(f, str) for f in fields):
+            self.changes.publish((fields[1], fields[2]))
+        else:
+            self.changes.publish_all()
