@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -123,3 +124,50 @@ def test_workers_refuse_the_memory_store() -> None:
     assert result.returncode == 2
     assert "memory:" in result.stderr and "same turn ids" in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "--workers" in result.stderr
+
+
+_WORKER_SERVING = re.compile(r"\[(\d+)\]: turnid serving on ")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_die_when_the_parent_is_killed(tmp_path: Path) -> None:
+    import select
+
+    database = f"sqlite://{tmp_path / 'turnid.db'}"
+    workers = Workers("--listen", "127.0.0.1:0", "--database", database, "--workers", "2")
+    try:
+        workers.wait_serving()
+        # Each worker logged its own "serving" line (with its pid) before the parent's.
+        pids = {int(pid) for pid in _WORKER_SERVING.findall("".join(workers.log))}
+        assert len(pids) == 2, workers.log
+        assert workers.process.pid not in pids
+        handles = {os.pidfd_open(pid): pid for pid in pids}
+        try:
+            workers.process.kill()  # SIGKILL: the parent cannot pass anything on
+            workers.process.wait(30)
+            remaining = dict(handles)
+            while remaining:
+                ready, _, _ = select.select(list(remaining), [], [], 30)
+                assert ready, f"workers {sorted(remaining.values())} outlived their parent"
+                for handle in ready:
+                    del remaining[handle]
+        finally:
+            for handle in handles:
+                os.close(handle)
+    finally:
+        workers.kill()
+        for pid in _WORKER_SERVING.findall("".join(workers.log)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+def test_sigterm_stops_every_worker_and_exits_zero(tmp_path: Path) -> None:
+    database = f"sqlite://{tmp_path / 'turnid.db'}"
+    workers = Workers("--listen", "127.0.0.1:0", "--database", database, "--workers", "2")
+    try:
+        workers.wait_serving()
+        assert workers.stop() == 0
+        log = "".join(workers.log)
+        assert log.count("INFO turnid.server[") and log.count(": stopped\n") == 2, log
+    finally:
+        workers.kill()

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from turnid.client.cli import add_client_commands, run_client_command
 from turnid.service import logs
@@ -20,6 +21,9 @@ from turnid.service.config import (
     load_serve_config,
     render_config,
 )
+
+if TYPE_CHECKING:
+    from turnid.service.server import StopSignals
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,10 +73,19 @@ def _bad_setting(loaded: LoadedConfig, error: ConfigError) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     # First: a stop signal from here on ends start-up cleanly (see server.StopSignals).
-    from turnid.service.server import Security, StopSignals, serve
-    from turnid.service.stores import open_store
+    from turnid.service.server import StopSignals
 
     signals = StopSignals.install()
+    try:
+        return _serve_with(args, signals)
+    finally:
+        signals.restore()
+
+
+def _serve_with(args: argparse.Namespace, signals: StopSignals) -> int:
+    from turnid.service.server import Security, serve
+    from turnid.service.stores import open_store
+
     try:
         loaded = load_serve_config(args)
     except ConfigError as error:

@@ -263,14 +263,22 @@ class StopSignals:
     def __init__(self) -> None:
         self.received: list[int] = []
         self._event: asyncio.Event | None = None
+        self._previous: dict[int, Any] = {}
 
     @classmethod
     def install(cls) -> StopSignals:
         signals = cls()
         for signum in STOP_SIGNALS:
-            signal.signal(signum, signals._on_signal)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            signals._previous[signum] = signal.signal(signum, signals._on_signal)
+        signals._previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)
         return signals
+
+    def restore(self) -> None:
+        """Put back the handlers that `install` replaced (`turnid serve --print-config`, a
+        bad setting, and in-process callers such as tests)."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
 
     @property
     def requested(self) -> bool:
