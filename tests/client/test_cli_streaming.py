@@ -42,6 +42,10 @@ class Cli:
         assert raw, f"{stream} ended early"
         return raw.decode().rstrip("\n")
 
+    async def wait_for_stderr(self, text: str) -> None:
+        while text not in await self.line("stderr"):
+            pass  # other lines (e.g. gRPC's own logging) may come first
+
     async def lines(self, count: int) -> list[str]:
         return [await self.line() for _ in range(count)]
 
@@ -73,7 +77,7 @@ async def test_watch_prints_history_then_live_turns_until_ctrl_c(
     cli = await Cli.start("watch", THREAD, "--target", fake_server.target, *flags)
     try:
         history = await cli.lines(2)
-        assert "caught up" in await cli.line("stderr")
+        await cli.wait_for_stderr("caught up")
         await fake.append(THREAD, int(TurnKind.AUTO_COMPACTION))
         (live,) = await cli.lines(1)
         cli.process.send_signal(signal.SIGINT)
