@@ -1,16 +1,80 @@
-"""What only the SQLite store has: pragmas, schema versions, lock contention."""
+"""What only the SQLite store has: pragmas, schema versions, group commit, lock contention,
+faults, several stores (processes) on one file."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import uuid_utils
 
 from turnid.service.domain import Allocation, ErrorCategory, TurnIdError, TurnKind
+from turnid.service.domain.model import Turn
 from turnid.service.stores import open_store, sqlite_path
-from turnid.service.stores.sqlite import MIGRATIONS, SqliteStore
+from turnid.service.stores import sqlite as sqlite_module
+from turnid.service.stores.sqlite import MIGRATIONS, SqliteStore, migrate, storage_error
+
+REALTIME = TurnKind.REALTIME_DELEGATION
+COMPACTION = TurnKind.AUTO_COMPACTION
+USER = TurnKind.USER_INPUT
+
+# The schema of version 1, as `git show HEAD~3:service/turnid/service/stores/sqlite.py` wrote it
+# (kept here verbatim, so the migration test does not depend on MIGRATIONS[0]).
+V1_DDL = """
+    CREATE TABLE threads (
+        thread_id       TEXT PRIMARY KEY,
+        next_sequence   INTEGER NOT NULL,
+        next_compaction INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE turns (
+        thread_id      TEXT NOT NULL,
+        sequence       INTEGER NOT NULL,
+        turn_id        TEXT NOT NULL,
+        kind           INTEGER NOT NULL,
+        request_id     TEXT NOT NULL,
+        claimed        INTEGER NOT NULL,
+        create_time_us INTEGER NOT NULL,
+        PRIMARY KEY (thread_id, sequence),
+        UNIQUE (thread_id, turn_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE requests (
+        thread_id       TEXT NOT NULL,
+        request_id      TEXT NOT NULL,
+        kind            INTEGER NOT NULL,
+        count           INTEGER NOT NULL,
+        claimed_turn_id TEXT,
+        first_sequence  INTEGER NOT NULL,
+        PRIMARY KEY (thread_id, request_id)
+    ) WITHOUT ROWID;
+"""
+
+
+@pytest.fixture
+async def opened(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """Opens SqliteStores (on tmp_path/t.db unless told) and closes them after the test."""
+    stores: list[SqliteStore] = []
+
+    async def open_one(path: Path | str | None = None, **kwargs: Any) -> SqliteStore:
+        store = SqliteStore(str(path or tmp_path / "t.db"), **kwargs)
+        await store.open()
+        stores.append(store)
+        return store
+
+    yield open_one
+    for store in stores:
+        await store.close()
+
+
+def _data_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+
+# --- files, pragmas, URLs ---------------------------------------------------------------------
 
 
 def test_database_urls() -> None:
@@ -22,17 +86,45 @@ def test_database_urls() -> None:
         open_store("mysql://x")
 
 
-async def test_file_is_wal_with_full_sync_and_current_schema(tmp_path: Path) -> None:
-    store = SqliteStore(str(tmp_path / "deep" / "dir" / "t.db"))
-    await store.open()
-    await store.allocate(Allocation("t", TurnKind.AUTO_COMPACTION, 1))
+async def test_file_is_wal_with_full_sync_current_schema_and_a_short_busy_timeout(
+    tmp_path: Path, opened: Callable[..., Any]
+) -> None:
+    store = await opened(tmp_path / "deep" / "dir" / "t.db")
+    await store.allocate(Allocation("t", COMPACTION, 1))
     assert store._write_conn is not None
     pragmas = {
         name: store._write_conn.execute(f"PRAGMA {name}").fetchone()[0]
-        for name in ("journal_mode", "synchronous", "user_version")
+        for name in ("journal_mode", "synchronous", "user_version", "busy_timeout")
     }
-    assert pragmas == {"journal_mode": "wal", "synchronous": 2, "user_version": len(MIGRATIONS)}
-    await store.close()
+    # busy_timeout below the client's 10 s default deadline (invariant 9).
+    assert pragmas == {
+        "journal_mode": "wal",
+        "synchronous": 2,
+        "user_version": len(MIGRATIONS),
+        "busy_timeout": 5000,
+    }
+    other = await opened(tmp_path / "other.db", busy_timeout_s=0.25)
+    assert other._write_conn is not None
+    assert other._write_conn.execute("PRAGMA busy_timeout").fetchone()[0] == 250
+
+
+@pytest.mark.parametrize("url", ["sqlite::memory:", "sqlite://:memory:"])
+async def test_an_in_memory_database_works_and_is_private(url: str) -> None:
+    first, second = open_store(url), open_store(url)
+    assert isinstance(first, SqliteStore)
+    await first.open()
+    await second.open()
+    try:
+        turns = await first.allocate(Allocation("t", COMPACTION, 3, "r"))
+        assert await first.list("", "t", 0, 10) == turns
+        assert await first.get("", "t", "auto-compact-1") == turns[1]
+        info = await first.get_thread("", "t")
+        assert info is not None and info.last_turn == turns[-1]
+        assert await first.allocate(Allocation("t", COMPACTION, 3, "r")) == turns  # replay
+        assert await second.list("", "t", 0, 10) == []  # another store, another database
+    finally:
+        await first.close()
+        await second.close()
 
 
 async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -42,69 +134,6 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     store = SqliteStore(str(path))
     with pytest.raises(RuntimeError, match="newer than this turnid"):
         await store.open()
-
-
-async def test_a_locked_database_is_unavailable_not_internal(tmp_path: Path) -> None:
-    path = tmp_path / "t.db"
-    store = SqliteStore(str(path), busy_timeout_s=0.1)
-    await store.open()
-    blocker = sqlite3.connect(path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")  # another process holding the write lock
-    try:
-        with pytest.raises(TurnIdError) as caught:
-            await store.allocate(Allocation("t", TurnKind.AUTO_COMPACTION, 1, "rid"))
-        assert caught.value.reason == "STORE_UNAVAILABLE"
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
-    # Once the lock is gone the same request goes through, and nothing half-written remains.
-    (turn,) = await store.allocate(Allocation("t", TurnKind.AUTO_COMPACTION, 1, "rid"))
-    assert (turn.turn_id, turn.sequence) == ("auto-compact-0", 1)
-    await store.close()
-
-
-async def test_a_full_queue_is_refused_overloaded_not_queued(tmp_path: Path) -> None:
-    store = SqliteStore(str(tmp_path / "t.db"), max_pending=2)
-    await store.open()
-    # gather starts all four before the writer runs, so two are queued when the third arrives.
-    outcomes = await asyncio.gather(
-        *(store.allocate(Allocation("t", TurnKind.AUTO_COMPACTION, 1)) for _ in range(4)),
-        return_exceptions=True,
-    )
-    reasons = [o.reason if isinstance(o, TurnIdError) else "OK" for o in outcomes]
-    assert reasons == ["OK", "OK", "OVERLOADED", "OVERLOADED"]
-    assert outcomes[2].category is ErrorCategory.RESOURCE_EXHAUSTED  # type: ignore[union-attr]
-    assert [t.turn_id for t in await store.list("t", 0, 10)] == ["auto-compact-0", "auto-compact-1"]
-    await store.close()
-
-
-async def test_an_unexpected_failure_mid_group_rolls_back_and_frees_the_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = tmp_path / "t.db"
-    store = SqliteStore(str(path))
-    await store.open()
-    real_apply = SqliteStore._apply
-
-    def failing_apply(self, cursor, allocation, now_us):  # type: ignore[no-untyped-def]
-        if allocation.thread_id == "boom":
-            raise ValueError("a bug")
-        return real_apply(self, cursor, allocation, now_us)
-
-    monkeypatch.setattr(SqliteStore, "_apply", failing_apply)
-    outcomes = await asyncio.gather(
-        store.allocate(Allocation("t", TurnKind.AUTO_COMPACTION, 1)),
-        store.allocate(Allocation("boom", TurnKind.AUTO_COMPACTION, 1)),
-        return_exceptions=True,
-    )
-    assert all(isinstance(o, ValueError) for o in outcomes)  # one group, rolled back whole
-    other = sqlite3.connect(path, timeout=0, isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")  # the write lock is free again
-    other.execute("ROLLBACK")
-    other.close()
-    (turn,) = await store.allocate(Allocation("t", TurnKind.AUTO_COMPACTION, 1))
-    assert (turn.turn_id, turn.sequence) == ("auto-compact-0", 1)
-    await store.close()
 
 
 @pytest.mark.parametrize("content", [b"this is not a database" * 100, None])
@@ -118,27 +147,482 @@ async def test_an_unusable_file_is_one_clear_error(tmp_path: Path, content: byte
         await SqliteStore(str(path)).open()
 
 
-async def test_an_unforeseen_constraint_failure_fails_only_its_culprit(tmp_path: Path) -> None:
+# --- migrations -------------------------------------------------------------------------------
+
+
+def _v1_file(path: Path) -> dict[str, Any]:
+    """A version-1 file as the v1 store left it: two threads, every kind, claims, requests."""
+    minted = [str(uuid_utils.uuid7()) for _ in range(3)]
+    claimed_high = "zz-legacy"  # sorts above every UUID
+    claimed_uuid = str(uuid_utils.uuid7())  # a claimed UUIDv7, greater than every minted one
+    a = [  # (turn_id, kind, sequence, request_id, claimed, create_time_us)
+        (minted[0], 1, 1, "r-rt", 0, 1_000),
+        ("auto-compact-0", 2, 2, "r-comp", 0, 2_000),
+        ("auto-compact-1", 2, 3, "r-comp", 0, 2_000),
+        (claimed_high, 3, 4, "r-claim", 1, 3_000),
+        (minted[1], 3, 5, "", 0, 4_000),
+        (minted[2], 3, 6, "r-user", 0, 4_000),
+        (claimed_uuid, 1, 7, "", 1, 5_000),
+    ]
+    b = [("auto-compact-0", 2, 1, "r-comp", 0, 7_000)]
+    with sqlite3.connect(path, isolation_level=None) as conn:
+        conn.executescript(V1_DDL)
+        conn.executemany(
+            "INSERT INTO turns (thread_id, turn_id, kind, sequence, request_id, claimed, "
+            "create_time_us) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [("a", *row) for row in a] + [("b", *row) for row in b],
+        )
+        conn.executemany(
+            "INSERT INTO threads (thread_id, next_sequence, next_compaction) VALUES (?, ?, ?)",
+            [("a", 8, 2), ("b", 2, 1)],
+        )
+        conn.executemany(
+            "INSERT INTO requests (thread_id, request_id, kind, count, claimed_turn_id, "
+            "first_sequence) VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                ("a", "r-rt", 1, 1, None, 1),
+                ("a", "r-comp", 2, 2, None, 2),
+                ("a", "r-claim", 3, 1, claimed_high, 4),
+                ("a", "r-user", 3, 1, None, 6),
+                ("b", "r-comp", 2, 1, None, 1),
+            ],
+        )
+        conn.execute("PRAGMA user_version=1")
+    turns = [
+        Turn("a", tid, TurnKind(kind), seq, ts, rid, bool(claimed))
+        for tid, kind, seq, rid, claimed, ts in a
+    ]
+    return {"a": turns, "minted": minted, "claimed": [claimed_high, claimed_uuid]}
+
+
+async def test_a_version_1_file_migrates_keeping_every_turn_request_and_counter(
+    tmp_path: Path, opened: Callable[..., Any]
+) -> None:
     path = tmp_path / "t.db"
-    store = SqliteStore(str(path))
-    await store.open()
+    v1 = _v1_file(path)
+    store = await opened(path)
+    assert store._write_conn is not None
+    assert store._write_conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 2
+    turns_a = v1["a"]
+    assert await store.list("", "a", 0, 100) == turns_a
+    assert await store.get("", "a", "zz-legacy") == turns_a[3]
+    # The new thread columns were computed from the rows.
+    info = await store.get_thread("", "a")
+    assert info is not None
+    assert info.last_turn == turns_a[-1]
+    state = info.state
+    assert (state.next_sequence, state.next_compaction) == (8, 2)
+    assert state.last_minted == max(v1["minted"])
+    assert state.max_claimed == "zz-legacy"
+    assert (state.create_time_us, state.update_time_us) == (1_000, 5_000)
+    info_b = await store.get_thread("", "b")
+    assert info_b is not None and info_b.state.last_minted == info_b.state.max_claimed == ""
+    # Rows went to the default namespace; another namespace sees nothing.
+    assert await store.list("team-b", "a", 0, 100) == []
+    assert await store.get_thread("team-b", "a") is None
+    # Requests replay, and a reused request_id is still refused.
+    assert await store.allocate(Allocation("a", COMPACTION, 2, "r-comp")) == turns_a[1:3]
+    assert await store.allocate(
+        Allocation("a", USER, 1, "r-claim", claimed_turn_id="zz-legacy")
+    ) == [turns_a[3]]
+    with pytest.raises(TurnIdError) as caught:
+        await store.allocate(Allocation("a", REALTIME, 2, "r-rt"))
+    assert caught.value.reason == "REQUEST_ID_REUSED"
+    # Counters continue: compaction index, sequence, minted ids after the last minted one.
+    (compaction,) = await store.allocate(Allocation("a", COMPACTION, 1))
+    assert (compaction.turn_id, compaction.sequence) == ("auto-compact-2", 8)
+    (minted,) = await store.allocate(Allocation("a", REALTIME, 1))
+    assert minted.sequence == 9 and minted.turn_id > max(v1["minted"])
+    with pytest.raises(TurnIdError) as caught:
+        await store.allocate(Allocation("a", USER, 1, claimed_turn_id=v1["claimed"][1]))
+    assert caught.value.reason == "TURN_ID_TAKEN"
+    (other,) = await store.allocate(Allocation("b", COMPACTION, 1))
+    assert (other.turn_id, other.sequence) == ("auto-compact-1", 2)
+
+
+async def test_a_current_file_is_left_untouched_by_migrate(
+    tmp_path: Path, opened: Callable[..., Any]
+) -> None:
+    path = tmp_path / "t.db"
+    store = await opened(path)
+    await store.allocate(Allocation("t", COMPACTION, 1))
+    await store.close()
+    observer = sqlite3.connect(path, isolation_level=None)
+    version_before = _data_version(observer)
+    mtime_before = os.stat(path).st_mtime_ns
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert migrate(conn) == len(MIGRATIONS)
+        assert not conn.in_transaction
+    finally:
+        conn.close()
+    reopened = await opened(path)  # a whole store's open and close as well
+    await reopened.close()
+    assert _data_version(observer) == version_before
+    assert os.stat(path).st_mtime_ns == mtime_before
+    # (The observer does see writes: the check above can fail.)
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("PRAGMA user_version=2")
+    writer.close()
+    assert _data_version(observer) != version_before
+    observer.close()
+
+
+class _FailingCommit:
+    """A connection whose COMMIT fails like a full disk does: SQLite has already rolled the
+    transaction back when the error arrives."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def _fail_commit(self, sql: str) -> None:
+        if sql.strip().upper() == "COMMIT":
+            self._conn.execute("ROLLBACK")
+            error = sqlite3.OperationalError("database or disk is full")
+            error.sqlite_errorname = "SQLITE_FULL"  # type: ignore[attr-defined]
+            raise error
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        self._fail_commit(sql)
+        return self._conn.execute(sql, *args)
+
+    def cursor(self) -> Any:
+        outer = self
+        real = self._conn.cursor()
+
+        class Cursor:
+            def execute(self, sql: str, *args: Any) -> Any:
+                outer._fail_commit(sql)
+                return real.execute(sql, *args)
+
+            def executemany(self, sql: str, rows: Any) -> Any:
+                return real.executemany(sql, rows)
+
+        return Cursor()
+
+
+def test_a_failed_commit_in_migrate_raises_its_own_error(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        migrate(_FailingCommit(conn))  # type: ignore[arg-type]
+    assert not conn.in_transaction
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 0
+    assert migrate(conn) == len(MIGRATIONS)  # and it can be done again
+    conn.close()
+
+
+# --- faults -----------------------------------------------------------------------------------
+
+
+def test_sqlite_errors_map_to_storage_full_unavailable_or_a_bug() -> None:
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorname = "SQLITE_FULL"  # type: ignore[attr-defined]
+    mapped = storage_error(full)
+    assert mapped is not None
+    assert (mapped.category, mapped.reason) == (ErrorCategory.RESOURCE_EXHAUSTED, "STORAGE_FULL")
+    busy = sqlite3.OperationalError("database is locked SELECT secret FROM x")
+    busy.sqlite_errorname = "SQLITE_BUSY"  # type: ignore[attr-defined]
+    for error in (busy, sqlite3.DatabaseError("database disk image is malformed")):
+        mapped = storage_error(error)
+        assert mapped is not None
+        assert (mapped.category, mapped.reason) == (ErrorCategory.UNAVAILABLE, "STORE_UNAVAILABLE")
+        assert "secret" not in mapped.message and "malformed" not in mapped.message
+    assert storage_error(sqlite3.ProgrammingError("misuse")) is None
+    assert storage_error(sqlite3.IntegrityError("UNIQUE constraint failed")) is None
+
+
+async def test_a_full_database_is_storage_full_and_recovers_once_space_is_freed(
+    opened: Callable[..., Any],
+) -> None:
+    store = await opened()
+    await store.allocate(Allocation("t", COMPACTION, 1))
+    conn = store._write_conn
+    assert conn is not None
+    (pages,) = conn.execute("PRAGMA page_count").fetchone()
+    conn.execute(f"PRAGMA max_page_count={pages}")  # the file cannot grow: SQLITE_FULL
+    with pytest.raises(TurnIdError) as caught:
+        await store.allocate(Allocation("t", USER, 1000, "big"))
+    assert (caught.value.category, caught.value.reason) == (
+        ErrorCategory.RESOURCE_EXHAUSTED,
+        "STORAGE_FULL",
+    )
+    assert not conn.in_transaction
+    conn.execute("PRAGMA max_page_count=1073741823")  # space freed
+    turns = await store.allocate(Allocation("t", USER, 1000, "big"))
+    assert [t.sequence for t in turns] == list(range(2, 1002))
+
+
+async def test_a_failed_commit_in_the_writer_is_storage_full_not_a_rollback_error(
+    opened: Callable[..., Any],
+) -> None:
+    store = await opened()
+    real = store._write_conn
+    store._write_conn = _FailingCommit(real)
+    with pytest.raises(TurnIdError) as caught:
+        await store.allocate(Allocation("t", COMPACTION, 1, "r"))
+    assert caught.value.reason == "STORAGE_FULL"
+    store._write_conn = real
+    (turn,) = await store.allocate(Allocation("t", COMPACTION, 1, "r"))
+    assert (turn.turn_id, turn.sequence) == ("auto-compact-0", 1)
+
+
+async def test_a_locked_database_is_unavailable_not_internal(
+    tmp_path: Path, opened: Callable[..., Any]
+) -> None:
+    path = tmp_path / "t.db"
+    store = await opened(path, busy_timeout_s=0.1)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+    try:
+        with pytest.raises(TurnIdError) as caught:
+            await store.allocate(Allocation("t", COMPACTION, 1, "rid"))
+        assert caught.value.reason == "STORE_UNAVAILABLE"
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    # Once the lock is gone the same request goes through, and nothing half-written remains.
+    (turn,) = await store.allocate(Allocation("t", COMPACTION, 1, "rid"))
+    assert (turn.turn_id, turn.sequence) == ("auto-compact-0", 1)
+
+
+async def test_an_unexpected_failure_mid_group_rolls_back_and_frees_the_file(
+    tmp_path: Path, opened: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "t.db"
+    store = await opened(path)
+    real_apply = SqliteStore._apply
+
+    def failing_apply(self, batch, allocation, now_us):  # type: ignore[no-untyped-def]
+        if allocation.thread_id == "boom":
+            raise ValueError("a bug")
+        return real_apply(self, batch, allocation, now_us)
+
+    monkeypatch.setattr(SqliteStore, "_apply", failing_apply)
+    outcomes = await asyncio.gather(
+        store.allocate(Allocation("t", COMPACTION, 1)),
+        store.allocate(Allocation("boom", COMPACTION, 1)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(o, ValueError) for o in outcomes)  # one group, rolled back whole
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # the write lock is free again
+    other.execute("ROLLBACK")
+    other.close()
+    (turn,) = await store.allocate(Allocation("t", COMPACTION, 1))
+    assert (turn.turn_id, turn.sequence) == ("auto-compact-0", 1)
+
+
+async def test_an_unforeseen_constraint_failure_fails_only_its_culprit(
+    tmp_path: Path, opened: Callable[..., Any]
+) -> None:
+    path = tmp_path / "t.db"
+    store = await opened(path)
     # A row the store's checks cannot foresee: sequence 1 of thread "bad" without its counters.
     with sqlite3.connect(path) as planted:
         planted.execute(
-            "INSERT INTO turns (thread_id, turn_id, kind, sequence, create_time_us, request_id, "
-            "claimed) VALUES ('bad', 'planted', 3, 1, 0, '', 1)"
+            "INSERT INTO turns (namespace, thread_id, turn_id, kind, sequence, create_time_us, "
+            "request_id, claimed) VALUES ('', 'bad', 'planted', 3, 1, 0, '', 1)"
         )
     # gather queues all three before the writer runs: one group, whose joint write fails.
     outcomes = await asyncio.gather(
-        store.allocate(Allocation("good-1", TurnKind.AUTO_COMPACTION, 1, "r")),
-        store.allocate(Allocation("bad", TurnKind.AUTO_COMPACTION, 1)),
-        store.allocate(Allocation("good-2", TurnKind.USER_INPUT, 2)),
+        store.allocate(Allocation("good-1", COMPACTION, 1, "r")),
+        store.allocate(Allocation("bad", COMPACTION, 1)),
+        store.allocate(Allocation("good-2", USER, 2)),
         return_exceptions=True,
     )
     assert isinstance(outcomes[1], sqlite3.IntegrityError)
     assert [t.turn_id for t in outcomes[0]] == ["auto-compact-0"]  # type: ignore[union-attr]
     assert [t.sequence for t in outcomes[2]] == [1, 2]  # type: ignore[union-attr]
-    assert await store.list("good-1", 0, 10) == outcomes[0]
-    assert await store.list("good-2", 0, 10) == outcomes[2]
-    assert [t.turn_id for t in await store.list("bad", 0, 10)] == ["planted"]
-    await store.close()
+    assert await store.list("", "good-1", 0, 10) == outcomes[0]
+    assert await store.list("", "good-2", 0, 10) == outcomes[2]
+    assert [t.turn_id for t in await store.list("", "bad", 0, 10)] == ["planted"]
+
+
+# --- the writer's queue and groups ------------------------------------------------------------
+
+
+async def test_a_full_queue_is_refused_overloaded_not_queued(opened: Callable[..., Any]) -> None:
+    store = await opened(max_pending=2)
+    # gather starts all four before the writer runs, so two are queued when the third arrives.
+    outcomes = await asyncio.gather(
+        *(store.allocate(Allocation("t", COMPACTION, 1)) for _ in range(4)),
+        return_exceptions=True,
+    )
+    reasons = [o.reason if isinstance(o, TurnIdError) else "OK" for o in outcomes]
+    assert reasons == ["OK", "OK", "OVERLOADED", "OVERLOADED"]
+    assert outcomes[2].category is ErrorCategory.RESOURCE_EXHAUSTED  # type: ignore[union-attr]
+    turns = await store.list("", "t", 0, 10)
+    assert [t.turn_id for t in turns] == ["auto-compact-0", "auto-compact-1"]
+
+
+async def test_the_queue_bound_counts_turns(opened: Callable[..., Any]) -> None:
+    store = await opened(max_pending=1500)
+    outcomes = await asyncio.gather(
+        store.allocate(Allocation("t", USER, 1000)),  # an empty queue takes any batch
+        store.allocate(Allocation("t", USER, 1000)),  # 2000 turns > 1500
+        store.allocate(Allocation("t", USER, 500)),  # 1500 turns: fits
+        return_exceptions=True,
+    )
+    reasons = [o.reason if isinstance(o, TurnIdError) else "OK" for o in outcomes]
+    assert reasons == ["OK", "OVERLOADED", "OK"]
+    assert store.pending_turns == 0
+
+
+async def test_groups_are_bounded_by_turns(opened: Callable[..., Any]) -> None:
+    store = await opened()
+    commits: list[tuple[int, int, float]] = []
+    store.on_commit = lambda allocations, turns, seconds: commits.append(
+        (allocations, turns, seconds)
+    )
+    batches = await asyncio.gather(
+        *(store.allocate(Allocation(f"t{i % 3}", USER, 1000)) for i in range(10))
+    )
+    assert sum(len(batch) for batch in batches) == 10_000
+    assert len(commits) >= 3  # 10 batches of 1000 turns, at most 4096 turns per commit
+    assert all(turns <= 4096 and seconds >= 0 for _, turns, seconds in commits)
+    assert sum(allocations for allocations, _, _ in commits) == 10
+    assert sum(turns for _, turns, _ in commits) == 10_000
+    assert (store.commits, store.allocations, store.turns) == (len(commits), 10, 10_000)
+    assert (store.last_group_allocations, store.last_group_turns) == commits[-1][:2]
+
+
+async def test_groups_are_bounded_by_time_under_the_lock(
+    opened: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await opened()
+    monkeypatch.setattr(sqlite_module, "_MAX_GROUP_S", 0.0)  # every group runs out at once
+    commits: list[int] = []
+    store.on_commit = lambda allocations, turns, seconds: commits.append(allocations)
+    turns = await asyncio.gather(
+        *(store.allocate(Allocation("t", COMPACTION, 1)) for _ in range(8))
+    )
+    # Each transaction decided one allocation; the rest went back to the head of the queue,
+    # so the queue's order still holds.
+    assert commits == [1] * 8
+    assert [t.turn_id for (t,) in turns] == [f"auto-compact-{n}" for n in range(8)]
+
+
+async def test_a_broken_commit_hook_does_not_stop_the_writer(opened: Callable[..., Any]) -> None:
+    store = await opened()
+
+    def hook(allocations: int, turns: int, seconds: float) -> None:
+        raise RuntimeError("metrics bug")
+
+    store.on_commit = hook
+    await store.allocate(Allocation("t", COMPACTION, 1))
+    (turn,) = await store.allocate(Allocation("t", COMPACTION, 1))
+    assert turn.sequence == 2
+
+
+async def test_requests_whose_caller_gave_up_are_not_written(
+    tmp_path: Path, opened: Callable[..., Any]
+) -> None:
+    path = tmp_path / "t.db"
+    store = await opened(path)
+    formed = asyncio.Event()
+    take_group = store._take_group
+
+    def take() -> Any:
+        group = take_group()
+        formed.set()
+        return group
+
+    store._take_group = take
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # the writer's next group waits for the lock
+    first = asyncio.create_task(store.allocate(Allocation("t", COMPACTION, 1, "first")))
+    await asyncio.wait_for(formed.wait(), 10)  # "first" is in a group, waiting for the lock
+    with pytest.raises(TimeoutError):  # a caller's deadline runs out while it is queued
+        await asyncio.wait_for(store.allocate(Allocation("t", COMPACTION, 1, "gave-up")), 0.05)
+    assert store.pending_turns == 1  # still queued, its future cancelled
+    kept = asyncio.create_task(store.allocate(Allocation("t", COMPACTION, 1, "kept")))
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    (a,) = await asyncio.wait_for(first, 10)
+    (b,) = await asyncio.wait_for(kept, 10)
+    assert (a.sequence, b.sequence) == (1, 2)
+    assert [t.request_id for t in await store.list("", "t", 0, 10)] == ["first", "kept"]
+    assert store.dropped == 1
+    assert store._write_conn is not None
+    assert store._write_conn.execute(
+        "SELECT count(*) FROM requests WHERE request_id = 'gave-up'"
+    ).fetchone() == (0,)
+
+
+# --- several stores (processes) on one file ---------------------------------------------------
+
+
+async def test_a_watcher_on_one_store_is_woken_by_a_commit_through_another(
+    opened: Callable[..., Any],
+) -> None:
+    watched, writer = await opened(), await opened()
+    with watched.changes.subscribe(("ns", "t")) as subscription:
+        subscription.clear()
+        await writer.allocate(Allocation("t", COMPACTION, 1, namespace="ns"))
+        await asyncio.wait_for(subscription.wait(None), 10)
+        # And again: the poller keeps following the file.
+        subscription.clear()
+        await writer.allocate(Allocation("t", COMPACTION, 1, namespace="ns"))
+        await asyncio.wait_for(subscription.wait(None), 10)
+    assert watched.changes.watchers == 0
+
+
+async def test_a_store_tells_its_own_commits_from_other_connections(
+    opened: Callable[..., Any],
+) -> None:
+    store, other = await opened(), await opened()
+    loop = asyncio.get_running_loop()
+
+    async def foreign() -> bool:
+        return bool(await loop.run_in_executor(store._writer, store._foreign_commits))
+
+    await foreign()  # a baseline
+    await store.allocate(Allocation("t", COMPACTION, 1))
+    assert not await foreign()  # its own commit
+    await other.allocate(Allocation("t", COMPACTION, 1))
+    assert await foreign()
+    assert not await foreign()
+
+
+async def test_uuid_order_is_sequence_order_across_two_stores_on_one_file(
+    opened: Callable[..., Any],
+) -> None:
+    stores = [await opened(), await opened()]
+    kinds = [REALTIME, USER]
+    await asyncio.gather(
+        *(stores[i % 2].allocate(Allocation("t", kinds[i // 2 % 2], 1)) for i in range(2000))
+    )
+    turns = await stores[0].list("", "t", 0, 5000)
+    assert [t.sequence for t in turns] == list(range(1, 2001))
+    ids = [t.turn_id for t in turns]
+    assert ids == sorted(ids) and len(set(ids)) == 2000  # invariant 8
+
+
+async def test_a_conditional_race_across_two_stores_has_one_winner_per_round(
+    opened: Callable[..., Any],
+) -> None:
+    stores = [await opened(), await opened()]
+    last = 0
+    for round_ in range(25):
+        outcomes = await asyncio.gather(
+            *(
+                stores[i % 2].allocate(
+                    Allocation("t", kinds, 1 + i % 2, f"r{round_}-{i}", expected_last_sequence=last)
+                )
+                for i, kinds in enumerate([REALTIME, COMPACTION, USER, COMPACTION] * 4)
+            ),
+            return_exceptions=True,
+        )
+        winners = [o for o in outcomes if isinstance(o, list)]
+        losers = [o for o in outcomes if isinstance(o, TurnIdError)]
+        assert len(winners) == 1 and len(losers) == 15, outcomes
+        assert {e.reason for e in losers} == {"THREAD_ADVANCED"}
+        (won,) = winners
+        assert won[0].sequence == last + 1
+        last = won[-1].sequence
+        assert {e.metadata["last_sequence"] for e in losers} == {str(last)}
+    info = await stores[1].get_thread("", "t")
+    assert info is not None and info.state.last_sequence == last

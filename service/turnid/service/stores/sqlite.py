@@ -1,38 +1,75 @@
 """The embedded default store: one SQLite file, safe to share between service processes.
 
 Durability: WAL with synchronous=FULL, so an acknowledged allocation survives kill -9 and
-power loss. Throughput: every allocation goes through one writer thread that takes all requests
-queued behind it and commits them in one `BEGIN IMMEDIATE` transaction (group commit), so the
-fsync is shared. Every request of the group is decided (read-only) before anything is written,
-then the group's rows go out in one executemany per table: a refused request has written
-nothing, so it never undoes or blocks its neighbours, and needs no savepoint. Processes sharing
-the file serialize on SQLite's write lock (busy_timeout); every transaction reads the threads'
-counters under that lock, so ids stay unique.
+power loss. Throughput: every allocation goes through one writer thread that takes the
+requests queued behind it and commits them in one `BEGIN IMMEDIATE` transaction (group
+commit), so the fsync is shared. The write lock is the serialization point of every thread in
+the file, across processes: inside it the writer reads each thread's row once, applies
+`domain.allocation.decide()` to every allocation of the group in turn (carrying each thread's
+state, request records and granted ids from one allocation to the next), and then writes the
+group's rows with one executemany per table. A refused request has queued nothing, so it never
+undoes or blocks its neighbours and needs no savepoint.
+
+Groups are bounded: at most `_MAX_GROUP_TURNS` turns, and the writer stops deciding more of a
+group after `_MAX_GROUP_S` of work under the lock (the rest go back to the head of the queue),
+so the lock is never held long and other processes' waits stay well inside busy_timeout. The
+queue is bounded by turns too (`max_pending`): beyond it allocations are refused
+RESOURCE_EXHAUSTED/OVERLOADED at once. Requests whose caller has given up (deadline,
+cancellation) are dropped when the group is formed, before anything is written.
+
+Faults: any failure rolls the transaction back (the file's lock is never left held). A full
+disk is RESOURCE_EXHAUSTED/STORAGE_FULL, other SQLite operational errors STORE_UNAVAILABLE
+(the driver's text goes to the log only); both are retryable with the same request_id and the
+store recovers by itself. A constraint failure that decide() did not foresee (none is known)
+retries each allocation of the group alone, so only the culprit fails. Anything else is a bug
+and propagates as itself (the servicer makes it INTERNAL with a correlation id).
+
+Watch: after each commit the writer publishes the threads it added turns to on `changes`.
+Commits by other processes are seen by one poller per store, which reads `PRAGMA
+data_version` on its own connection every `_POLL_S` while anyone watches and, when the file
+changed and the change was not (only) ours, wakes every watcher (`publish_all`).
+
+`:memory:` opens one private in-memory database on one connection that serves reads and writes
+(there is no one else to share it with, and two connections to one shared-cache database
+would fail reads with SQLITE_LOCKED while the writer holds its table locks).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from turnid.service.domain.allocation import Replay, decide
 from turnid.service.domain.errors import (
     TurnIdError,
+    disk_full,
     overloaded,
-    request_id_reused,
     store_unavailable,
-    turn_id_taken,
 )
-from turnid.service.domain.model import Allocation, Turn, TurnKind
+from turnid.service.domain.model import (
+    NEW_THREAD,
+    Allocation,
+    RequestRecord,
+    ThreadInfo,
+    ThreadState,
+    Turn,
+    TurnKind,
+)
+from turnid.service.domain.watch import ChangeFeed, ThreadKey
 
-# Forward-only migrations; PRAGMA user_version counts how many have been applied.
+# Forward-only migrations; PRAGMA user_version counts how many have been applied. Each script
+# runs statement by statement (split on ";") in one transaction under the write lock.
 MIGRATIONS: Sequence[str] = (
+    # 1: threads, turns and requests keyed by thread_id.
     """
     CREATE TABLE threads (
         thread_id       TEXT PRIMARY KEY,
@@ -60,10 +97,90 @@ MIGRATIONS: Sequence[str] = (
         PRIMARY KEY (thread_id, request_id)
     ) WITHOUT ROWID;
     """,
+    # 2: the namespace leads every key (existing rows go to the default namespace ""), and a
+    # thread row carries what decide() needs and GetThread shows. SQLite cannot change a
+    # primary key, so the tables are rebuilt; the new thread columns come from the turns.
+    """
+    CREATE TABLE threads_v2 (
+        namespace       TEXT NOT NULL,
+        thread_id       TEXT NOT NULL,
+        next_sequence   INTEGER NOT NULL,
+        next_compaction INTEGER NOT NULL,
+        last_minted     TEXT NOT NULL,
+        max_claimed     TEXT NOT NULL,
+        create_time_us  INTEGER NOT NULL,
+        update_time_us  INTEGER NOT NULL,
+        PRIMARY KEY (namespace, thread_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE turns_v2 (
+        namespace      TEXT NOT NULL,
+        thread_id      TEXT NOT NULL,
+        sequence       INTEGER NOT NULL,
+        turn_id        TEXT NOT NULL,
+        kind           INTEGER NOT NULL,
+        request_id     TEXT NOT NULL,
+        claimed        INTEGER NOT NULL,
+        create_time_us INTEGER NOT NULL,
+        PRIMARY KEY (namespace, thread_id, sequence),
+        UNIQUE (namespace, thread_id, turn_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE requests_v2 (
+        namespace       TEXT NOT NULL,
+        thread_id       TEXT NOT NULL,
+        request_id      TEXT NOT NULL,
+        kind            INTEGER NOT NULL,
+        count           INTEGER NOT NULL,
+        claimed_turn_id TEXT,
+        first_sequence  INTEGER NOT NULL,
+        PRIMARY KEY (namespace, thread_id, request_id)
+    ) WITHOUT ROWID;
+    INSERT INTO turns_v2 (namespace, thread_id, sequence, turn_id, kind, request_id, claimed,
+                          create_time_us)
+        SELECT '', thread_id, sequence, turn_id, kind, request_id, claimed, create_time_us
+        FROM turns;
+    INSERT INTO requests_v2 (namespace, thread_id, request_id, kind, count, claimed_turn_id,
+                             first_sequence)
+        SELECT '', thread_id, request_id, kind, count, claimed_turn_id, first_sequence
+        FROM requests;
+    INSERT INTO threads_v2 (namespace, thread_id, next_sequence, next_compaction, last_minted,
+                            max_claimed, create_time_us, update_time_us)
+        SELECT '', t.thread_id, t.next_sequence, t.next_compaction,
+            coalesce((SELECT max(u.turn_id) FROM turns u WHERE u.thread_id = t.thread_id
+                      AND u.claimed = 0 AND u.kind IN (1, 3)), ''),
+            coalesce((SELECT max(u.turn_id) FROM turns u WHERE u.thread_id = t.thread_id
+                      AND u.claimed <> 0), ''),
+            coalesce((SELECT min(u.create_time_us) FROM turns u
+                      WHERE u.thread_id = t.thread_id), 0),
+            coalesce((SELECT max(u.create_time_us) FROM turns u
+                      WHERE u.thread_id = t.thread_id), 0)
+        FROM threads t;
+    DROP TABLE threads;
+    DROP TABLE turns;
+    DROP TABLE requests;
+    ALTER TABLE threads_v2 RENAME TO threads;
+    ALTER TABLE turns_v2 RENAME TO turns;
+    ALTER TABLE requests_v2 RENAME TO requests
+    """,
 )
 
 _TURN_COLUMNS = "thread_id, turn_id, kind, sequence, create_time_us, request_id, claimed"
-_MAX_GROUP = 1024
+_STATE_COLUMNS = (
+    "next_sequence, next_compaction, last_minted, max_claimed, create_time_us, update_time_us"
+)
+# GetThread: the thread's row and its last turn, in one statement (one snapshot).
+_THREAD_INFO = (
+    "SELECT "
+    + ", ".join(
+        [f"h.{c}" for c in _STATE_COLUMNS.split(", ")]
+        + [f"t.{c}" for c in _TURN_COLUMNS.split(", ")]
+    )
+    + " FROM threads h JOIN turns t ON t.namespace = h.namespace AND t.thread_id = h.thread_id "
+    "AND t.sequence = h.next_sequence - 1 WHERE h.namespace = ? AND h.thread_id = ?"
+)
+# Group bounds: turns per transaction (a batch of 1000 counts 1000), and how long the writer
+# keeps deciding more of a group once it holds the write lock.
+_MAX_GROUP_TURNS = 4096
+_MAX_GROUP_S = 0.050
 # Commit delay: after a group of at least _COMMIT_SIBLINGS allocations, the writer waits this
 # long (asyncio's timer resolution is 1 ms) before taking the next group, unless as many are
 # queued already. Each commit costs ~150-200 µs of CPU (BEGIN IMMEDIATE, WAL frames, fsync)
@@ -73,58 +190,52 @@ _MAX_GROUP = 1024
 # A caller at concurrency 1 never waits; the first caller after a burst may wait up to 2 ms once.
 _COMMIT_SIBLINGS = 4
 _COMMIT_DELAY_S = 0.002
+# How often the change poller reads PRAGMA data_version while anyone watches.
+_POLL_S = 0.075
+# Lower than the client's default deadline (10 s), so a lock wait comes back in time for the
+# client to retry it (invariant 9).
+DEFAULT_BUSY_TIMEOUT_S = 5.0
+MEMORY = ":memory:"
 _T = TypeVar("_T")
 
 log = logging.getLogger("turnid.stores.sqlite")
 
+CommitHook = Callable[[int, int, float], None]
 
-class _Batch:
-    """One group's transaction while it is being decided: what to write, and what it knows.
 
-    The transaction holds the file's write lock from BEGIN IMMEDIATE to COMMIT, so what it has
-    read cannot change underneath it: each thread's counters are read once and then carried
-    here from one allocation to the next. Nothing is written until every allocation of the
-    group is decided; then one executemany per table writes them all (`write`), each thread's
-    counters once. A refused request has queued nothing, so it needs no savepoint.
+def storage_error(error: sqlite3.Error) -> TurnIdError | None:
+    """The client-facing error for a SQLite failure, or None when it is a bug to propagate.
+
+    SQLITE_FULL (a full disk, or max_page_count) is RESOURCE_EXHAUSTED/STORAGE_FULL; other
+    operational and database errors (busy, I/O, corruption, a read-only file) are
+    STORE_UNAVAILABLE, with the driver's text in the log only. Misuse of the driver
+    (ProgrammingError, InterfaceError) and constraint failures are bugs: None.
     """
-
-    __slots__ = ("claims", "counters", "cursor", "request_rows", "requests", "turn_rows")
-
-    def __init__(self, cursor: sqlite3.Cursor) -> None:
-        self.cursor = cursor
-        # thread_id -> [next_sequence, next_compaction], as they stand after the group so far
-        self.counters: dict[str, list[int]] = {}
-        # (thread_id, request_id) -> the request and its turns, for copies later in the group
-        self.requests: dict[tuple[str, str], tuple[Allocation, list[Turn]]] = {}
-        self.claims: set[tuple[str, str]] = set()  # (thread_id, turn_id) claimed in the group
-        self.turn_rows: list[tuple[str, str, int, int, int, str, bool]] = []
-        self.request_rows: list[tuple[str, str, int, int, str | None, int]] = []
-
-    def write(self) -> None:
-        cursor = self.cursor
-        if self.turn_rows:
-            cursor.executemany(
-                f"INSERT INTO turns ({_TURN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                self.turn_rows,
-            )
-        if self.counters:
-            cursor.executemany(
-                "INSERT INTO threads (thread_id, next_sequence, next_compaction) "
-                "VALUES (?, ?, ?) ON CONFLICT (thread_id) DO UPDATE SET "
-                "next_sequence = excluded.next_sequence, "
-                "next_compaction = excluded.next_compaction",
-                [(thread_id, seq, comp) for thread_id, (seq, comp) in self.counters.items()],
-            )
-        if self.request_rows:
-            cursor.executemany(
-                "INSERT INTO requests (thread_id, request_id, kind, count, claimed_turn_id, "
-                "first_sequence) VALUES (?, ?, ?, ?, ?, ?)",
-                self.request_rows,
-            )
+    name = getattr(error, "sqlite_errorname", None) or ""
+    if name == "SQLITE_FULL":
+        return disk_full()
+    if isinstance(error, sqlite3.OperationalError) or type(error) is sqlite3.DatabaseError:
+        return store_unavailable(f"sqlite: {name or type(error).__name__}: {error}")
+    return None
 
 
 def _turn(row: tuple[str, str, int, int, int, str, int]) -> Turn:
     return Turn(row[0], row[1], TurnKind(row[2]), row[3], row[4], row[5], bool(row[6]))
+
+
+def _state(row: tuple[int, int, str, str, int, int]) -> ThreadState:
+    return ThreadState(row[0], row[1], row[2], row[3], row[4], row[5])
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back if a transaction is open (a failed COMMIT may have ended it already, and
+    ROLLBACK then would hide the real error); a failing ROLLBACK is logged, not raised."""
+    if not conn.in_transaction:
+        return
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        log.exception("ROLLBACK failed")
 
 
 def _connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
@@ -132,8 +243,13 @@ def _connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
     conn = sqlite3.connect(
         path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
     )
-    _set_wal(conn, time.monotonic() + busy_timeout_s)
-    conn.execute("PRAGMA synchronous=FULL")
+    try:
+        if path != MEMORY:
+            _set_wal(conn, time.monotonic() + busy_timeout_s)
+        conn.execute("PRAGMA synchronous=FULL")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -151,70 +267,243 @@ def _set_wal(conn: sqlite3.Connection, deadline: float) -> None:
         except sqlite3.OperationalError as error:
             busy = getattr(error, "sqlite_errorname", "").startswith("SQLITE_BUSY")
             if not busy or time.monotonic() >= deadline:
-                conn.close()
                 raise
             time.sleep(0.005)
 
 
 def migrate(conn: sqlite3.Connection) -> int:
-    """Apply pending migrations under the write lock; returns the schema version."""
+    """Apply pending migrations under the write lock; returns the schema version.
+
+    A file that is up to date is only read: no write lock, no write, no change to its
+    data_version or mtime.
+    """
+    target = len(MIGRATIONS)
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if version == target:
+        return target
     conn.execute("BEGIN IMMEDIATE")
     try:
-        (version,) = conn.execute("PRAGMA user_version").fetchone()
-        if version > len(MIGRATIONS):
+        (version,) = conn.execute("PRAGMA user_version").fetchone()  # now under the lock
+        if version > target:
             raise RuntimeError(
                 f"database schema version {version} is newer than this turnid "
-                f"(knows {len(MIGRATIONS)}); upgrade turnid"
+                f"(knows {target}); upgrade turnid"
             )
-        for script in MIGRATIONS[version:]:
-            for statement in filter(str.strip, script.split(";")):
-                conn.execute(statement)
-        conn.execute(f"PRAGMA user_version={len(MIGRATIONS)}")
+        if version < target:
+            for script in MIGRATIONS[version:]:
+                for statement in filter(str.strip, script.split(";")):
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={target}")
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        _rollback(conn)
         raise
-    return len(MIGRATIONS)
+    if version < target:
+        log.info("sqlite schema migrated from version %d to %d", version, target)
+    return target
+
+
+@dataclass(slots=True)
+class _GroupThread:
+    """One thread as a group sees it under the write lock: read once, then carried."""
+
+    state: ThreadState
+    first_new: int  # the sequence of the group's first new turn in the thread
+    turns: list[Turn] = field(default_factory=list)  # granted in this group, in order
+    ids: set[str] = field(default_factory=set)  # their turn ids
+    requests: dict[str, RequestRecord] = field(default_factory=dict)  # recorded in this group
+
+
+class _Batch:
+    """One group's transaction while it is being decided: what it knows and what it writes.
+
+    The transaction holds the file's write lock from BEGIN IMMEDIATE to COMMIT, so what it has
+    read cannot change underneath it. Nothing is written until the group is decided; then one
+    executemany per table writes it all (`write`), each thread's row once.
+    """
+
+    __slots__ = ("cursor", "threads")
+
+    def __init__(self, cursor: sqlite3.Cursor) -> None:
+        self.cursor = cursor
+        self.threads: dict[ThreadKey, _GroupThread] = {}
+
+    def thread(self, namespace: str, thread_id: str) -> _GroupThread:
+        key = (namespace, thread_id)
+        thread = self.threads.get(key)
+        if thread is None:
+            row = self.cursor.execute(
+                f"SELECT {_STATE_COLUMNS} FROM threads WHERE namespace = ? AND thread_id = ?",
+                key,
+            ).fetchone()
+            state = _state(row) if row else NEW_THREAD
+            thread = self.threads[key] = _GroupThread(state, state.next_sequence)
+        return thread
+
+    def changed(self) -> list[ThreadKey]:
+        return [key for key, thread in self.threads.items() if thread.turns]
+
+    @property
+    def turn_count(self) -> int:
+        return sum(len(thread.turns) for thread in self.threads.values())
+
+    def write(self) -> None:
+        cursor = self.cursor
+        changed = [(key, thread) for key, thread in self.threads.items() if thread.turns]
+        if not changed:
+            return
+        cursor.executemany(
+            f"INSERT INTO turns (namespace, {_TURN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    ns,
+                    t.thread_id,
+                    t.turn_id,
+                    t.kind,
+                    t.sequence,
+                    t.create_time_us,
+                    t.request_id,
+                    t.claimed,
+                )
+                for (ns, _), thread in changed
+                for t in thread.turns
+            ],
+        )
+        cursor.executemany(
+            f"INSERT INTO threads (namespace, thread_id, {_STATE_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (namespace, thread_id) DO UPDATE SET "
+            "next_sequence = excluded.next_sequence, "
+            "next_compaction = excluded.next_compaction, "
+            "last_minted = excluded.last_minted, "
+            "max_claimed = excluded.max_claimed, "
+            "create_time_us = excluded.create_time_us, "
+            "update_time_us = excluded.update_time_us",
+            [
+                (
+                    ns,
+                    tid,
+                    s.next_sequence,
+                    s.next_compaction,
+                    s.last_minted,
+                    s.max_claimed,
+                    s.create_time_us,
+                    s.update_time_us,
+                )
+                for (ns, tid), thread in changed
+                for s in (thread.state,)
+            ],
+        )
+        request_rows = [
+            (ns, tid, rid, r.kind, r.count, r.claimed_turn_id, r.first_sequence)
+            for (ns, tid), thread in changed
+            for rid, r in thread.requests.items()
+        ]
+        if request_rows:
+            cursor.executemany(
+                "INSERT INTO requests (namespace, thread_id, request_id, kind, count, "
+                "claimed_turn_id, first_sequence) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                request_rows,
+            )
+
+
+_Result = list[Turn] | BaseException
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What the writer did with (a prefix of) a group."""
+
+    results: list[_Result] = field(default_factory=list)  # for group[: len(results)]
+    changed: set[ThreadKey] = field(default_factory=set)  # threads that got turns
+    commits: list[tuple[int, int, float]] = field(default_factory=list)  # (allocs, turns, s)
+
+
+_Pending = tuple[Allocation, asyncio.Future[list[Turn]]]
 
 
 class SqliteStore:
     def __init__(
-        self, path: str, *, busy_timeout_s: float = 10.0, max_pending: int = 10_000
+        self,
+        path: str,
+        *,
+        busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+        max_pending: int = 10_000,
     ) -> None:
         self.path = path
+        self._memory = path == MEMORY
         self._busy_timeout_s = busy_timeout_s
-        # Allocations queued for the writer beyond this are refused RESOURCE_EXHAUSTED/OVERLOADED
-        # at once: a bounded queue keeps latency bounded and tells clients to back off.
+        # Turns queued for the writer beyond this are refused RESOURCE_EXHAUSTED/OVERLOADED at
+        # once: a bounded queue keeps latency bounded and tells clients to back off.
         self._max_pending = max_pending
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="turnid-sqlite-writer")
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix="turnid-sqlite-reader")
+        # An in-memory database has one connection, so its reads go through the writer thread.
+        self._reader = (
+            self._writer
+            if self._memory
+            else ThreadPoolExecutor(1, thread_name_prefix="turnid-sqlite-reader")
+        )
+        self._poller: ThreadPoolExecutor | None = None
         self._write_conn: sqlite3.Connection | None = None
         self._read_conn: sqlite3.Connection | None = None
-        self._pending: deque[tuple[Allocation, asyncio.Future[list[Turn]]]] = deque()
+        self._poll_conn: sqlite3.Connection | None = None
+        self._pending: deque[_Pending] = deque()
+        self._pending_turns = 0
         self._wakeup = asyncio.Event()
         self._closing = False
         self._write_loop_task: asyncio.Task[None] | None = None
-        # Group-commit figures, logged at close: allocations / commits = mean group size.
-        self.allocations = 0  # allocations applied in committed transactions
+        self._poll_task: asyncio.Task[None] | None = None
+        # Writer thread only: how many COMMITs it has started (the poller tells our commits
+        # from other processes' with it) and the write connection's last data_version.
+        self._commit_epoch = 0
+        self._writer_data_version = 0
+        self.changes = ChangeFeed()
+        # Group-commit figures (event loop thread), for logs and metrics.
+        self.allocations = 0  # allocations decided in committed transactions
+        self.turns = 0  # turns written by committed transactions
         self.commits = 0  # transactions committed
-        self._last_group = 0  # size of the last group committed, for the commit delay
+        self.dropped = 0  # queued allocations dropped because their caller had given up
+        self.last_group_allocations = 0
+        self.last_group_turns = 0
+        self.last_commit_seconds = 0.0
+        #: Called on the event loop after each commit with (allocations, turns, seconds from
+        #: BEGIN IMMEDIATE to the end of COMMIT). Keep it cheap; exceptions are logged.
+        self.on_commit: CommitHook | None = None
+
+    @property
+    def pending_turns(self) -> int:
+        """Turns queued for the writer (the queue depth `max_pending` bounds)."""
+        return self._pending_turns
 
     async def open(self) -> None:
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
         try:
+            if not self._memory:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self._write_conn = await loop.run_in_executor(self._writer, self._open_writer)
-            self._read_conn = await loop.run_in_executor(
-                self._reader, _connect, self.path, self._busy_timeout_s
-            )
-        except sqlite3.Error as error:
+            if self._memory:
+                self._read_conn = self._write_conn
+            else:
+                self._read_conn = await loop.run_in_executor(
+                    self._reader, _connect, self.path, self._busy_timeout_s
+                )
+        except (sqlite3.Error, OSError) as error:
+            await self._close_connections()
             raise RuntimeError(f"cannot open SQLite database {self.path}: {error}") from error
+        except BaseException:
+            await self._close_connections()
+            raise
         self._write_loop_task = asyncio.create_task(self._write_loop(), name="sqlite-writer")
+        if not self._memory:
+            self._poll_task = asyncio.create_task(self._poll_loop(), name="sqlite-changes")
 
     def _open_writer(self) -> sqlite3.Connection:
         conn = _connect(self.path, self._busy_timeout_s)
-        migrate(conn)
+        try:
+            migrate(conn)
+            (self._writer_data_version,) = conn.execute("PRAGMA data_version").fetchone()
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     async def close(self) -> None:
@@ -224,28 +513,61 @@ class SqliteStore:
         self._wakeup.set()
         if self._write_loop_task is not None:
             await self._write_loop_task
-        loop = asyncio.get_running_loop()
-        if self._write_conn is not None:
-            await loop.run_in_executor(self._writer, self._write_conn.close)
-        if self._read_conn is not None:
-            await loop.run_in_executor(self._reader, self._read_conn.close)
-        self._writer.shutdown()
-        self._reader.shutdown()
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poll_task
+        await self._close_connections()
+        self.changes.close()
         log.info(
             "sqlite store closed: %d allocations in %d commits", self.allocations, self.commits
         )
 
+    async def _close_connections(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._poller is not None:
+            # Let a reading in flight finish (it may open the poller's connection) first.
+            await loop.run_in_executor(None, self._poller.shutdown)
+            if self._poll_conn is not None:
+                self._poll_conn.close()
+        for conn, executor in ((self._read_conn, self._reader), (self._write_conn, self._writer)):
+            if conn is not None:
+                await loop.run_in_executor(executor, conn.close)
+        self._poll_conn = self._read_conn = self._write_conn = None
+        self._writer.shutdown()
+        self._reader.shutdown()
+
     # --- writes: group commit -------------------------------------------------------------
 
     async def allocate(self, allocation: Allocation) -> list[Turn]:
-        if self._closing:
-            raise store_unavailable("store is closing")
-        if len(self._pending) >= self._max_pending:
-            raise overloaded(len(self._pending))
+        if self._closing or self._write_loop_task is None:
+            raise store_unavailable("store is closing" if self._closing else "store is not open")
+        if self._pending and self._pending_turns + allocation.count > self._max_pending:
+            raise overloaded(self._pending_turns)
         future: asyncio.Future[list[Turn]] = asyncio.get_running_loop().create_future()
         self._pending.append((allocation, future))
+        self._pending_turns += allocation.count
         self._wakeup.set()
         return await future
+
+    def _take_group(self) -> list[_Pending]:
+        """The next group: queued allocations whose callers still wait, up to the turn bound
+        (always at least one)."""
+        pending = self._pending
+        group: list[_Pending] = []
+        turns = 0
+        while pending:
+            allocation, future = pending[0]
+            if not future.done() and group and turns + allocation.count > _MAX_GROUP_TURNS:
+                break
+            pending.popleft()
+            self._pending_turns -= allocation.count
+            if future.done():  # the caller gave up (deadline, cancelled): write nothing
+                self.dropped += 1
+                continue
+            group.append((allocation, future))
+            turns += allocation.count
+        return group
 
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -253,153 +575,226 @@ class SqliteStore:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
-                if self._last_group >= _COMMIT_SIBLINGS and len(self._pending) < self._last_group:
+                if (
+                    self.last_group_allocations >= _COMMIT_SIBLINGS
+                    and len(self._pending) < self.last_group_allocations
+                ):
                     # Requests are arriving faster than commits finish, and fewer are queued
                     # than joined the last group: let more join this one, so that one fsync
                     # serves them all (cf. PostgreSQL's commit_delay).
                     await asyncio.sleep(_COMMIT_DELAY_S)
-                group = [
-                    self._pending.popleft() for _ in range(min(len(self._pending), _MAX_GROUP))
-                ]
-                self._last_group = len(group)
+                group = self._take_group()
+                if not group:
+                    continue
                 try:
-                    results = await loop.run_in_executor(
+                    outcome = await loop.run_in_executor(
                         self._writer, self._commit_group, [allocation for allocation, _ in group]
                     )
                 except Exception as error:  # a bug must fail these calls, not stall the store
-                    results = [error] * len(group)
-                for (_, future), result in zip(group, results, strict=True):
-                    if future.done():  # the caller gave up (deadline); the write stands
-                        continue
-                    if isinstance(result, BaseException):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
+                    log.exception("sqlite writer failed")
+                    outcome = _Outcome([error] * len(group))
+                self._finish(group, outcome)
             if self._closing:
                 return
 
-    def _commit_group(self, group: list[Allocation]) -> Sequence[list[Turn] | BaseException]:
+    def _finish(self, group: list[_Pending], outcome: _Outcome) -> None:
+        """On the event loop: resolve the decided futures, requeue the rest at the head,
+        publish the changed threads, count and report the commits."""
+        decided = len(outcome.results)
+        for (_, future), result in zip(group, outcome.results, strict=False):
+            if future.done():  # the caller gave up meanwhile; the write stands
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+        rest = group[decided:]
+        if rest:  # the group ran out of time under the lock: they go first next time
+            self._pending.extendleft(reversed(rest))
+            self._pending_turns += sum(allocation.count for allocation, _ in rest)
+        for key in outcome.changed:
+            self.changes.publish(key)
+        for allocations, turns, seconds in outcome.commits:
+            self.commits += 1
+            self.allocations += allocations
+            self.turns += turns
+            self.last_group_allocations = allocations
+            self.last_group_turns = turns
+            self.last_commit_seconds = seconds
+            hook = self.on_commit
+            if hook is not None:
+                try:
+                    hook(allocations, turns, seconds)
+                except Exception:
+                    log.exception("on_commit hook failed")
+        if not outcome.commits:
+            self.last_group_allocations = decided
+
+    def _commit_group(self, group: Sequence[Allocation]) -> _Outcome:
+        """In the writer thread: decide and commit (a prefix of) `group` in one transaction.
+
+        Returns a result (turns or an exception) for each allocation decided, in order; the
+        ones after them did not fit in the group's time and were not looked at.
+        """
         conn = self._write_conn
         assert conn is not None
-        results: list[list[Turn] | BaseException] = []
+        outcome = _Outcome()
+        results = outcome.results
         # One cursor for the whole group: Connection.execute would make one per statement.
         cursor = conn.cursor()
+        started = time.monotonic()
+        taken = len(group)  # how many this transaction covers: all, unless time runs out
         try:
             cursor.execute("BEGIN IMMEDIATE")
+            deadline = time.monotonic() + _MAX_GROUP_S
             batch = _Batch(cursor)
             now_us = time.time_ns() // 1000
-            for allocation in group:
+            for index, allocation in enumerate(group):
                 try:
                     results.append(self._apply(batch, allocation, now_us))
                 except TurnIdError as error:
-                    # _apply refuses before it has changed anything (it only reads), so the
-                    # refusal needs no savepoint and its neighbours go on.
+                    # _apply refuses before it has queued anything, so its neighbours go on.
                     results.append(error)
+                if time.monotonic() >= deadline:
+                    taken = index + 1
+                    break
             batch.write()
+            self._commit_epoch += 1  # before COMMIT: the poller must not take it for theirs
             cursor.execute("COMMIT")
-        except Exception as error:
+        except BaseException as error:
             # Never leave the transaction (and the file's write lock) open behind a failure.
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if isinstance(error, sqlite3.IntegrityError):
-                if len(group) > 1:
-                    # A write broke a constraint that _apply's checks did not foresee (none is
-                    # known). The group's writes went out together, so the culprit is unknown:
-                    # commit each allocation alone, and only the culprit fails.
-                    log.warning(
-                        "group commit: %s; retrying its %d allocations alone", error, len(group)
-                    )
-                    return [result for one in group for result in self._commit_group([one])]
-                return [error]
-            if isinstance(error, sqlite3.Error):
-                return [store_unavailable(f"sqlite: {error}")] * len(group)
-            log.exception("group commit failed; rolled back %d allocations", len(group))
-            return [error] * len(group)
-        self.commits += 1
-        self.allocations += len(group)
-        return results
+            _rollback(conn)
+            if not isinstance(error, Exception):
+                raise
+            decided = group[:taken]
+            if isinstance(error, sqlite3.IntegrityError) and len(decided) > 1:
+                # A write broke a constraint that decide() did not foresee (none is known).
+                # The group's writes went out together, so the culprit is unknown: commit
+                # each allocation alone, and only the culprit fails.
+                log.warning(
+                    "group commit: %s; retrying its %d allocations alone", error, len(decided)
+                )
+                retried = _Outcome()
+                for one in decided:
+                    single = self._commit_group([one])
+                    retried.results += single.results
+                    retried.changed |= single.changed
+                    retried.commits += single.commits
+                return retried
+            mapped = storage_error(error) if isinstance(error, sqlite3.Error) else None
+            if mapped is None:
+                log.exception("group commit failed; rolled back %d allocations", len(decided))
+            return _Outcome([mapped or error] * len(decided))
+        seconds = time.monotonic() - started
+        outcome.changed.update(batch.changed())
+        outcome.commits.append((len(results), batch.turn_count, seconds))
+        return outcome
 
     def _apply(self, batch: _Batch, allocation: Allocation, now_us: int) -> list[Turn]:
         """Decide one allocation of the group: its turns, or a refusal (TurnIdError).
 
-        Only reads; the rows to write are queued on `batch`, which writes the whole group at
-        once before COMMIT.
+        Reads only; what to write is kept on `batch`, which writes the group before COMMIT.
         """
         cursor = batch.cursor
-        thread_id = allocation.thread_id
+        namespace, thread_id = allocation.namespace, allocation.thread_id
+        thread = batch.thread(namespace, thread_id)
         request_id = allocation.request_id
-        claimed = allocation.claimed_turn_id
+        seen: RequestRecord | None = None
         if request_id:
-            earlier = batch.requests.get((thread_id, request_id))
-            if earlier is not None:  # a copy of a request decided earlier in this group
-                original, turns = earlier
-                if not allocation.same_request(
-                    original.kind, original.count, original.claimed_turn_id
-                ):
-                    raise request_id_reused(thread_id, request_id)
-                return list(turns)
-            seen = cursor.execute(
-                "SELECT kind, count, claimed_turn_id, first_sequence FROM requests "
-                "WHERE thread_id = ? AND request_id = ?",
-                (thread_id, request_id),
-            ).fetchone()
-            if seen is not None:
-                kind, count, claimed_turn_id, first = seen
-                if not allocation.same_request(kind, count, claimed_turn_id):
-                    raise request_id_reused(thread_id, request_id)
-                return self._read_range(cursor, thread_id, first - 1, count)
-        if claimed is not None and (
-            (thread_id, claimed) in batch.claims
-            or cursor.execute(
-                "SELECT 1 FROM turns WHERE thread_id = ? AND turn_id = ?", (thread_id, claimed)
-            ).fetchone()
-        ):
-            raise turn_id_taken(thread_id, claimed)
+            seen = thread.requests.get(request_id)
+            if seen is None:
+                row = cursor.execute(
+                    "SELECT kind, count, claimed_turn_id, first_sequence FROM requests "
+                    "WHERE namespace = ? AND thread_id = ? AND request_id = ?",
+                    (namespace, thread_id, request_id),
+                ).fetchone()
+                if row is not None:
+                    seen = RequestRecord(row[0], row[1], row[2], row[3])
 
-        counters = batch.counters.get(thread_id)
-        if counters is None:
-            # Read once per thread and group: the group holds the write lock, so no one else
-            # can move them; later allocations in the group continue from the copy.
-            row = cursor.execute(
-                "SELECT next_sequence, next_compaction FROM threads WHERE thread_id = ?",
-                (thread_id,),
-            ).fetchone()
-            counters = batch.counters[thread_id] = [row[0], row[1]] if row else [1, 0]
-        first, next_compaction = counters
-        kind = allocation.kind
-        is_claim = claimed is not None
-        turn_ids = allocation.turn_ids(next_compaction)
-        turns = [
-            Turn(thread_id, turn_id, kind, first + i, now_us, request_id, is_claim)
-            for i, turn_id in enumerate(turn_ids)
-        ]
-        batch.turn_rows.extend(
-            (thread_id, turn_id, kind, first + i, now_us, request_id, is_claim)
-            for i, turn_id in enumerate(turn_ids)
-        )
-        counters[0] = first + len(turns)
-        counters[1] = next_compaction + allocation.compactions
-        if claimed is not None:
-            batch.claims.add((thread_id, claimed))
-        if request_id:
-            batch.requests[(thread_id, request_id)] = (allocation, turns)
-            batch.request_rows.append(
-                (thread_id, request_id, kind, allocation.count, claimed, first)
+        def is_taken(turn_id: str) -> bool:
+            return (
+                turn_id in thread.ids
+                or cursor.execute(
+                    "SELECT 1 FROM turns WHERE namespace = ? AND thread_id = ? AND turn_id = ?",
+                    (namespace, thread_id, turn_id),
+                ).fetchone()
+                is not None
             )
-        return turns
+
+        decision = decide(allocation, thread.state, seen, is_taken, now_us)
+        if isinstance(decision, Replay):
+            start = decision.first_sequence - thread.first_new
+            if start >= 0:  # recorded earlier in this group
+                return thread.turns[start : start + decision.count]
+            return _read_range(
+                cursor, namespace, thread_id, decision.first_sequence - 1, decision.count
+            )
+        thread.state = decision.state
+        thread.turns += decision.turns
+        thread.ids.update(turn.turn_id for turn in decision.turns)
+        if decision.record is not None:
+            thread.requests[request_id] = decision.record
+        return decision.turns
+
+    # --- watch: other processes' commits ---------------------------------------------------
+
+    async def _poll_loop(self) -> None:
+        """One per store: while anyone watches, wake every watcher when another connection
+        (another process, or another store on the file) has committed."""
+        loop = asyncio.get_running_loop()
+        polling = False
+        last_version = last_epoch = 0
+        while True:
+            await asyncio.sleep(_POLL_S)
+            if self.changes.watchers == 0:
+                polling = False
+                continue
+            try:
+                version = await loop.run_in_executor(self._poll_executor(), self._data_version)
+                # Read after data_version: a COMMIT of ours that it saw had bumped the epoch.
+                epoch = self._commit_epoch
+                if not polling:
+                    # A commit between a watcher's subscription and this first reading would
+                    # go unseen: wake them once, they re-read.
+                    polling = True
+                    self.changes.publish_all()
+                elif version != last_version and (
+                    # Only ours could have changed it if COMMITs started since the last
+                    # reading; then the write connection says exactly if anyone else did.
+                    epoch == last_epoch
+                    or await loop.run_in_executor(self._writer, self._foreign_commits)
+                ):
+                    self.changes.publish_all()
+                last_version, last_epoch = version, epoch
+            except (sqlite3.Error, RuntimeError) as error:
+                # RuntimeError: an executor shut down by close(). Watchers re-read anyway.
+                log.warning("sqlite change poller: %s", error)
+                polling = False
+
+    def _poll_executor(self) -> ThreadPoolExecutor:
+        if self._poller is None:
+            self._poller = ThreadPoolExecutor(1, thread_name_prefix="turnid-sqlite-changes")
+        return self._poller
+
+    def _data_version(self) -> int:
+        """In the poller thread: PRAGMA data_version on the poller's own connection."""
+        if self._poll_conn is None:
+            self._poll_conn = _connect(self.path, self._busy_timeout_s)
+        (version,) = self._poll_conn.execute("PRAGMA data_version").fetchone()
+        return int(version)
+
+    def _foreign_commits(self) -> bool:
+        """In the writer thread: whether another connection committed since the last call
+        (data_version on a connection changes only with other connections' commits)."""
+        conn = self._write_conn
+        if conn is None:
+            return True
+        (version,) = conn.execute("PRAGMA data_version").fetchone()
+        changed: bool = version != self._writer_data_version
+        self._writer_data_version = version
+        return changed
 
     # --- reads: WAL readers never wait for the writer -------------------------------------
-
-    @staticmethod
-    def _read_range(
-        conn: sqlite3.Connection | sqlite3.Cursor, thread_id: str, after_sequence: int, limit: int
-    ) -> list[Turn]:
-        rows = conn.execute(
-            f"SELECT {_TURN_COLUMNS} FROM turns WHERE thread_id = ? AND sequence > ? "
-            "ORDER BY sequence LIMIT ?",
-            (thread_id, after_sequence, limit),
-        ).fetchall()
-        return [_turn(row) for row in rows]
 
     async def _read(self, query: Callable[[sqlite3.Connection], _T]) -> _T:
         conn = self._read_conn
@@ -409,22 +804,53 @@ class SqliteStore:
         def run() -> _T:
             try:
                 return query(conn)
-            except sqlite3.OperationalError as error:
-                raise store_unavailable(f"sqlite: {error}") from error
+            except sqlite3.Error as error:
+                mapped = storage_error(error)
+                if mapped is None:
+                    raise
+                raise mapped from error
 
         return await asyncio.get_running_loop().run_in_executor(self._reader, run)
 
-    async def get(self, thread_id: str, turn_id: str) -> Turn | None:
+    async def get(self, namespace: str, thread_id: str, turn_id: str) -> Turn | None:
         def query(conn: sqlite3.Connection) -> Turn | None:
             row = conn.execute(
-                f"SELECT {_TURN_COLUMNS} FROM turns WHERE thread_id = ? AND turn_id = ?",
-                (thread_id, turn_id),
+                f"SELECT {_TURN_COLUMNS} FROM turns "
+                "WHERE namespace = ? AND thread_id = ? AND turn_id = ?",
+                (namespace, thread_id, turn_id),
             ).fetchone()
             return _turn(row) if row else None
 
         return await self._read(query)
 
-    async def list(self, thread_id: str, after_sequence: int, limit: int) -> list[Turn]:
+    async def list(
+        self, namespace: str, thread_id: str, after_sequence: int, limit: int
+    ) -> list[Turn]:
         return await self._read(
-            lambda conn: self._read_range(conn, thread_id, after_sequence, limit)
+            lambda conn: _read_range(conn, namespace, thread_id, after_sequence, limit)
         )
+
+    async def get_thread(self, namespace: str, thread_id: str) -> ThreadInfo | None:
+        def query(conn: sqlite3.Connection) -> ThreadInfo | None:
+            # One statement, so one snapshot: the thread's row and its last turn agree.
+            row = conn.execute(_THREAD_INFO, (namespace, thread_id)).fetchone()
+            if row is None:
+                return None
+            return ThreadInfo(thread_id, _state(row[:6]), _turn(row[6:]))
+
+        return await self._read(query)
+
+
+def _read_range(
+    conn: sqlite3.Connection | sqlite3.Cursor,
+    namespace: str,
+    thread_id: str,
+    after_sequence: int,
+    limit: int,
+) -> list[Turn]:
+    rows = conn.execute(
+        f"SELECT {_TURN_COLUMNS} FROM turns WHERE namespace = ? AND thread_id = ? "
+        "AND sequence > ? ORDER BY sequence LIMIT ?",
+        (namespace, thread_id, after_sequence, limit),
+    ).fetchall()
+    return [_turn(row) for row in rows]
