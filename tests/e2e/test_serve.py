@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -127,8 +130,6 @@ def test_unusable_database_url_fails_fast_with_one_line() -> None:
 
 @pytest.mark.parametrize("listen", ["127.0.0.1:99999", "no-port", ":50051"])
 def test_bad_listen_address_is_one_line_and_exit_2(listen: str) -> None:
-    import subprocess
-
     result = subprocess.run(
         serve_command("--listen", listen, "--database", "memory:"),
         capture_output=True,
@@ -137,3 +138,62 @@ def test_bad_listen_address_is_one_line_and_exit_2(listen: str) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "listen address" in result.stderr
+
+
+def test_plaintext_is_said_and_a_non_loopback_plaintext_listen_is_warned_about() -> None:
+    with ServeProcess("memory:") as server:
+        assert server.terminate() == 0
+    serving = next(line for line in server.log if "turnid serving on" in line)
+    assert "plaintext, authentication off" in serving
+    assert not any(" WARNING " in line for line in server.log), server.log
+    with ServeProcess("memory:", listen="0.0.0.0:0") as server:
+        assert server.terminate() == 0
+    warnings = [line for line in server.log if " WARNING " in line]
+    assert len(warnings) == 1 and "in plaintext with authentication off" in warnings[0]
+
+
+def _create_token(namespace: str, tokens: Path) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "turnid.service.cli", "token", "create", namespace],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TURNID_AUTH_TOKENS": str(tokens)},
+    )
+    assert result.returncode == 0, result.stderr
+    (token,) = result.stdout.split()
+    return token
+
+
+async def test_tls_and_tokens_through_serve_and_sighup_reloads_the_tokens(
+    tmp_path: Path, thread_id: str
+) -> None:
+    from tests.security.certs import make_pki
+    from turnid.client import AsyncTurnIdClient, TurnIdError, TurnKind
+
+    pki = make_pki(tmp_path / "pki")
+    tokens = tmp_path / "tokens"
+    token_a = _create_token("team-a", tokens)
+    flags = ("--tls-cert", str(pki.server.cert_file), "--tls-key", str(pki.server.key_file))
+    with ServeProcess(f"sqlite://{tmp_path / 't.db'}", *flags, "--auth-tokens", str(tokens)) as s:
+        serving = next(line for line in s.log if "turnid serving on" in line)
+        assert "TLS, bearer tokens" in serving
+        assert token_a not in "".join(s.log)
+
+        def client(token: str) -> AsyncTurnIdClient:
+            return AsyncTurnIdClient(s.target, token=token, root_certificates=pki.ca.cert)
+
+        async with client(token_a) as a:
+            turn = await a.allocate(thread_id, TurnKind.USER_INPUT)
+        assert turn.sequence == 1
+        token_b = _create_token("team-b", tokens)
+        async with client(token_b) as b:
+            with pytest.raises(TurnIdError) as refused:
+                await b.allocate(thread_id, TurnKind.USER_INPUT)
+            assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+            s.process.send_signal(signal.SIGHUP)
+            await asyncio.to_thread(s.wait_for_log, r"loaded \d+ token", count=2)
+            # team-b has its own namespace: the same thread id is a new thread there.
+            assert (await b.allocate(thread_id, TurnKind.USER_INPUT)).sequence == 1
+        assert s.terminate() == 0
+    assert token_b not in "".join(s.log)
