@@ -3,7 +3,9 @@
 `configure(level, fmt)` sets up the root logger. In `json` format every record is one JSON
 object on one line with the stable keys `time` (RFC 3339, UTC, milliseconds), `level`, `logger`,
 `message` and `pid`, plus every `extra=` field of the record as a top-level key (and `exception`
-when there is one). In `text` format extras follow the message as `key=value`.
+when there is one). In `text` format extras follow the message as `key=value` (quoted and
+escaped when they hold spaces, quotes or control characters, so a request_id cannot forge a
+line; empty ones left out).
 
 `access_log(...)` is called once per call by the servicer. Failed calls are logged at INFO
 (caller errors: bad input, not found, conflicts, auth, cancelled, deadline) or WARNING (the

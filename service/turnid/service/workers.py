@@ -140,7 +140,7 @@ def serve_workers(config: ServerConfig, *, signals: StopSignalsLike | None = Non
     # kills the workers and exits at once.
     wakeup_read, wakeup_write = socket.socketpair()
     wakeup_write.setblocking(False)
-    stop_signal: list[int] = list(signals.received) if signals is not None else []
+    stop_signal: list[int] = []
     processes: list[multiprocessing.process.BaseProcess] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -162,6 +162,8 @@ def serve_workers(config: ServerConfig, *, signals: StopSignalsLike | None = Non
     handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     previous = {sig: signal.signal(sig, on_signal) for sig in handled}
     previous_fd = signal.set_wakeup_fd(wakeup_write.fileno(), warn_on_full_buffer=False)
+    if signals is not None:  # those that came before our handlers were in place
+        stop_signal[:0] = signals.received
     # spawn, not fork: gRPC's threads and polling do not survive a fork.
     context = multiprocessing.get_context("spawn")
     status = 1
