@@ -75,7 +75,7 @@ def test_fixtures_are_documented(pytester: pytest.Pytester) -> None:
         ["*turnid_server*", "*turnid_client*", "*turnid_async_client*"], consecutive=False
     )
     markers = pytester.runpytest_subprocess("--markers", "-p", "no:cacheprovider")
-    markers.stdout.fnmatch_lines(["@pytest.mark.turnid(store='memory')*"])
+    markers.stdout.fnmatch_lines(["@pytest.mark.turnid(store='memory', auth=None, tls=False)*"])
 
 
 def test_unknown_store_is_a_clear_error(pytester: pytest.Pytester) -> None:
@@ -116,3 +116,113 @@ def test_async_client_on_my_own_loop(turnid_async_client: AsyncTurnIdClient) -> 
     monkeypatch.setenv("PYTHONPATH", str(hidden))
     result = pytester.runpytest_subprocess("-p", "no:asyncio", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+SECURED_TESTS = """
+import grpc
+import pytest
+
+from turnid.client import AsyncTurnIdClient, TurnIdClient
+from turnid.client.errors import Unauthenticated, Unavailable
+from turnid.testing import TurnIdTestServer
+
+
+@pytest.mark.turnid(auth={"team-a": "token-a", "team-b": "token-b"})
+def test_given_tokens(turnid_server: TurnIdTestServer, turnid_client: TurnIdClient) -> None:
+    assert turnid_server.tokens == {"team-a": "token-a", "team-b": "token-b"}
+    assert turnid_client.auto_compaction("t").turn_id == "auto-compact-0"  # as team-a
+    with TurnIdClient(turnid_server.target, **turnid_server.client_options("team-b")) as b:
+        assert b.auto_compaction("t").turn_id == "auto-compact-0"  # its own namespace
+    with TurnIdClient(turnid_server.target) as anonymous:
+        with pytest.raises(Unauthenticated) as raised:
+            anonymous.auto_compaction("t")
+        assert raised.value.reason == "MISSING_CREDENTIALS"
+    with TurnIdClient(turnid_server.target, token="wrong") as wrong:
+        with pytest.raises(Unauthenticated) as raised:
+            wrong.auto_compaction("t")
+        assert raised.value.reason == "INVALID_CREDENTIALS"
+
+
+@pytest.mark.turnid(auth=True)
+def test_generated_token_and_rotation(turnid_server: TurnIdTestServer) -> None:
+    old = turnid_server.tokens["test"]
+    assert old.startswith("tid_")
+    new = turnid_server.add_token("test")
+    assert turnid_server.tokens == {"test": new}
+    for token in (old, new):
+        with TurnIdClient(turnid_server.target, token=token) as client:
+            client.user_input("t")
+    turnid_server.revoke_token(old)
+    with TurnIdClient(turnid_server.target, token=old) as client:
+        with pytest.raises(Unauthenticated):
+            client.user_input("t")
+    turnid_server.restart()  # the tokens survive a restart
+    with TurnIdClient(turnid_server.target, token=new) as client:
+        assert client.get_thread("t").last_sequence == 2
+
+
+@pytest.mark.asyncio
+@pytest.mark.turnid(tls=True, auth=["svc"])
+async def test_tls_async(
+    turnid_server: TurnIdTestServer, turnid_async_client: AsyncTurnIdClient
+) -> None:
+    assert turnid_server.root_certificates is not None
+    assert b"BEGIN CERTIFICATE" in turnid_server.root_certificates
+    assert (await turnid_async_client.auto_compaction("t")).turn_id == "auto-compact-0"
+    async with AsyncTurnIdClient(turnid_server.target, token=turnid_server.tokens["svc"]) as plain:
+        with pytest.raises(Unavailable):
+            await plain.get_thread("t", timeout=2)
+
+
+@pytest.mark.turnid(tls="mutual")
+def test_mutual_tls_names_are_namespaces(
+    turnid_server: TurnIdTestServer, turnid_client: TurnIdClient
+) -> None:
+    assert turnid_client.auto_compaction("t").turn_id == "auto-compact-0"  # as "test"
+    key, chain = turnid_server.client_certificate("team-b")
+    with TurnIdClient(
+        turnid_server.target,
+        root_certificates=turnid_server.root_certificates,
+        private_key=key,
+        certificate_chain=chain,
+    ) as b:
+        assert b.auto_compaction("t").turn_id == "auto-compact-0"
+    with TurnIdClient(turnid_server.target, root_certificates=turnid_server.root_certificates) as c:
+        with pytest.raises(Unavailable):
+            c.get_thread("t", timeout=2)
+
+
+def test_in_a_with_block() -> None:
+    with TurnIdTestServer(auth=["a"], tls=True) as server:
+        with TurnIdClient(server.target, **server.client_options()) as client:
+            assert client.user_input("t").sequence == 1
+        directory = server.tokens_file.parent
+    assert not directory.exists()  # the test certificates and tokens are cleaned up
+"""
+
+
+def test_secured_server_markers(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_user=SECURED_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=5)
+
+
+def test_bad_security_markers_are_clear_errors(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_user="""
+import pytest
+
+@pytest.mark.turnid(auth={"Team A": "x"})
+def test_bad_namespace(turnid_server):
+    pass
+
+@pytest.mark.turnid(tls="yes")
+def test_bad_tls(turnid_server):
+    pass
+"""
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(
+        ["*namespace 'Team A' is not*", "*tls must be False, True or 'mutual'*"], consecutive=False
+    )

@@ -1,0 +1,1 @@
+"""Security tests: TLS, mutual TLS, bearer tokens, namespaces."""
