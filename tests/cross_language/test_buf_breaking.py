@@ -66,7 +66,11 @@ BREAKING_CHANGES: dict[str, tuple[str, str, str]] = {
     # name: (old text, new text, what buf's message names)
     "field type": ("int64 sequence = 4;", "int32 sequence = 4;", "sequence"),
     "field deleted": ("  bool claimed = 7;\n", "", "claimed"),
-    "field renumbered": ("string request_id = 3;\n}", "string request_id = 9;\n}", "request_id"),
+    "field renumbered": (
+        "  string request_id = 3;\n  // Conditional",
+        "  string request_id = 9;\n  // Conditional",
+        "request_id",
+    ),
     "rpc deleted": (
         "  rpc GetTurn(GetTurnRequest) returns (GetTurnResponse);\n",
         "",
