@@ -14,6 +14,7 @@ retried with the same request_id until it succeeds, and the invariants above sti
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import subprocess
@@ -28,6 +29,8 @@ import grpc
 import psycopg
 import pytest
 
+from turnid.service.domain import Allocation, TurnKind, TurnService, WatchUpdate
+from turnid.service.stores.postgres import PostgresStore, migrations
 from turnid.v1 import turnid_pb2 as pb
 from turnid.v1 import turnid_pb2_grpc as pb_grpc
 
@@ -193,8 +196,10 @@ async def test_three_replicas_sixteen_clients_four_threads(
     await assert_invariants(load, targets[0])
     # The three replicas raced to migrate the empty database: it was migrated exactly once.
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
-        cursor = await conn.execute("SELECT version, name FROM turnid_schema_migrations")
-        assert await cursor.fetchall() == [(1, "0001_init.sql")]
+        cursor = await conn.execute(
+            "SELECT version, name FROM turnid_schema_migrations ORDER BY version"
+        )
+        assert await cursor.fetchall() == [(m.version, m.name) for m in migrations()]
 
 
 # --- PostgreSQL restarted mid-load ---------------------------------------------------------
@@ -243,14 +248,19 @@ def _ensure_running(cluster: tuple[str, str]) -> None:
     assert _pg_isready(60), "PostgreSQL did not come back"
 
 
-async def test_postgres_restart_mid_load(replicas: list[ServeProcess]) -> None:
+def _restartable_cluster() -> tuple[str, str]:
     # The restart also cuts off anything else using that server at the time (another test run
-    # on a shared machine): TURNID_TEST_POSTGRES_RESTART=0 skips this test there.
+    # on a shared machine): TURNID_TEST_POSTGRES_RESTART=0 skips these tests there.
     if os.environ.get("TURNID_TEST_POSTGRES_RESTART", "1") == "0":
         pytest.skip("TURNID_TEST_POSTGRES_RESTART=0")
     cluster = _cluster()
     if cluster is None:
         pytest.skip("no local pg_ctlcluster cluster serves TURNID_TEST_POSTGRES_DSN's port")
+    return cluster
+
+
+async def test_postgres_restart_mid_load(replicas: list[ServeProcess]) -> None:
+    cluster = _restartable_cluster()
     targets = [server.target for server in replicas]
     load = new_load(RESTART_ALLOCATIONS, milestone=RESTART_ALLOCATIONS // 3)
     # The load lasts until PostgreSQL is back, so the whole outage happens under load.
@@ -303,3 +313,54 @@ async def test_postgres_restart_mid_load(replicas: list[ServeProcess]) -> None:
                 )
             ).turn
             assert turn.sequence > load.total // THREADS
+
+
+async def test_every_pooled_connection_is_replaced_after_a_restart(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After PostgreSQL restarts, every dead pooled connection is found and replaced before it
+    is used (allocations without a request_id, which the store cannot repeat if a commit may
+    have happened, all go through), and the listener reconnects (a watcher on one store sees
+    another's allocation by NOTIFY alone)."""
+    cluster = _restartable_cluster()
+    size = 4
+    stores = [PostgresStore(database_url, pool_min=size, pool_max=size) for _ in range(2)]
+    for store in stores:
+        await store.open()
+    watching, writing = stores[0], stores[1]
+    watching.changes.fallback_interval = None  # only a notification can wake the watcher
+    thread_ids = [f"restart-{uuid.uuid4()}" for _ in range(size)]
+    try:
+        for store in stores:
+            await store.allocate(Allocation(thread_ids[0], TurnKind.USER_INPUT, 1))
+        try:
+            await asyncio.to_thread(_pg_ctlcluster, cluster, "restart")
+            assert await asyncio.to_thread(_pg_isready, 60)
+        finally:
+            await asyncio.to_thread(_ensure_running, cluster)
+        caplog.clear()
+        caplog.set_level(logging.INFO, logger="turnid.postgres")
+        for _ in range(3):  # more rounds than the pool has connections to lose
+            for store in stores:
+                # One allocation per pooled connection at once, each in its own thread.
+                await asyncio.gather(
+                    *(
+                        store.allocate(Allocation(thread_id, TurnKind.USER_INPUT, 1))
+                        for thread_id in thread_ids
+                    )
+                )
+        # Found dead when taken from the pool, not by failing an attempt.
+        assert not [r for r in caplog.records if "attempt" in r.getMessage()]
+        async with asyncio.timeout(30):
+            await watching.listening.wait()
+        watch = await TurnService(watching).watch(thread_ids[1], 6)
+        try:
+            async with asyncio.timeout(30):
+                assert await anext(watch) == WatchUpdate([], True)
+                turns = await writing.allocate(Allocation(thread_ids[1], TurnKind.USER_INPUT, 1))
+                assert await anext(watch) == WatchUpdate(turns, True)
+        finally:
+            await watch.aclose()
+    finally:
+        for store in stores:
+            await store.close()

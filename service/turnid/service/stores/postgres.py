@@ -53,7 +53,7 @@ import select
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -97,6 +97,9 @@ _KEEPALIVES = {
 }
 _NOTIFY_PAYLOAD_MAX = 7900  # bytes; PostgreSQL's limit is 8000
 _LISTEN_BACKOFF_S = (0.05, 2.0)
+# A thread's allocations committed in one transaction: at most this many, or this many turns.
+_GROUP_MAX = 256
+_GROUP_TURNS = 4096
 
 _TURN_COLUMNS = "thread_id, turn_id, kind, sequence, create_time_us, request_id, claimed"
 _STATE_COLUMNS = (
@@ -110,10 +113,15 @@ _LOCK_THREAD = (
     f"SELECT {_STATE_COLUMNS} FROM threads WHERE namespace = %s AND thread_id = %s FOR UPDATE"
 )
 _SEEN = (
-    "SELECT kind, count, claimed_turn_id, first_sequence FROM requests "
-    "WHERE namespace = %s AND thread_id = %s AND request_id = %s"
+    "SELECT request_id, kind, count, claimed_turn_id, first_sequence FROM requests "
+    "WHERE namespace = %s AND thread_id = %s AND request_id = ANY(%s)"
 )
 _TAKEN = "SELECT turn_id FROM turns WHERE namespace = %s AND thread_id = %s AND turn_id = ANY(%s)"
+_REPLAYED = (
+    f"SELECT {_TURN_COLUMNS} FROM turns WHERE namespace = %s AND thread_id = %s "
+    "AND sequence = ANY(%s)"
+)
+# The group's writes in one statement: the thread's final state, its request rows and turns.
 _WRITE = """
 WITH thread AS (
     UPDATE threads SET
@@ -124,15 +132,15 @@ WITH thread AS (
 ), request AS (
     INSERT INTO requests
         (namespace, thread_id, request_id, kind, count, claimed_turn_id, first_sequence)
-    SELECT %(namespace)s, %(thread_id)s, %(request_id)s, %(kind)s, %(count)s,
-           %(claimed_turn_id)s, %(first_sequence)s
-    WHERE %(has_record)s
+    SELECT %(namespace)s, %(thread_id)s, r.*
+    FROM unnest(%(r_ids)s::text[], %(r_kinds)s::smallint[], %(r_counts)s::integer[],
+                %(r_claimed)s::text[], %(r_firsts)s::bigint[]) AS r
 )
 INSERT INTO turns
     (namespace, thread_id, sequence, turn_id, kind, request_id, claimed, create_time_us)
-SELECT %(namespace)s, %(thread_id)s, %(first_sequence)s + ids.n - 1, ids.turn_id, %(kind)s,
-       %(request_id)s, %(claimed)s, %(now_us)s
-FROM unnest(%(turn_ids)s::text[]) WITH ORDINALITY AS ids(turn_id, n)
+SELECT %(namespace)s, %(thread_id)s, t.*
+FROM unnest(%(t_sequences)s::bigint[], %(t_ids)s::text[], %(t_kinds)s::smallint[],
+            %(t_requests)s::text[], %(t_claimed)s::boolean[], %(t_times)s::bigint[]) AS t
 """
 _TURN_ID_KEY = "turns_turn_id_key"
 _GET_THREAD = f"""
@@ -325,6 +333,42 @@ class _Lost(Exception):
     attempt on another connection is safe even without a request_id."""
 
 
+@dataclass(eq=False, slots=True)
+class _Queued:
+    allocation: Allocation
+    future: asyncio.Future[list[Turn]]
+    since: float = field(default_factory=time.monotonic)
+
+
+def _write_params(
+    key: ThreadKey,
+    state: ThreadState,
+    turns: list[Turn],
+    records: list[tuple[str, RequestRecord]],
+) -> dict[str, Any]:
+    return {
+        "namespace": key[0],
+        "thread_id": key[1],
+        "next_sequence": state.next_sequence,
+        "next_compaction": state.next_compaction,
+        "last_minted": state.last_minted,
+        "max_claimed": state.max_claimed,
+        "create_time_us": state.create_time_us,
+        "update_time_us": state.update_time_us,
+        "r_ids": [rid for rid, _ in records],
+        "r_kinds": [r.kind for _, r in records],
+        "r_counts": [r.count for _, r in records],
+        "r_claimed": [r.claimed_turn_id for _, r in records],
+        "r_firsts": [r.first_sequence for _, r in records],
+        "t_sequences": [t.sequence for t in turns],
+        "t_ids": [t.turn_id for t in turns],
+        "t_kinds": [int(t.kind) for t in turns],
+        "t_requests": [t.request_id for t in turns],
+        "t_claimed": [t.claimed for t in turns],
+        "t_times": [t.create_time_us for t in turns],
+    }
+
+
 def _payload(replica: str, key: ThreadKey) -> str:
     text = json.dumps([replica, *key], ensure_ascii=False, separators=(",", ":"))
     if len(text.encode()) > _NOTIFY_PAYLOAD_MAX:
@@ -366,6 +410,8 @@ class PostgresStore:
         self._pending: set[ThreadKey] = set()
         self._notify_wanted = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._queues: dict[ThreadKey, list[_Queued]] = {}  # allocations waiting, per thread
+        self._drivers: set[asyncio.Task[None]] = set()
         #: Set each time the listener is (re)connected and LISTENing (tests wait on it).
         self.listening = asyncio.Event()
 
@@ -408,6 +454,9 @@ class PostgresStore:
 
     async def close(self) -> None:
         self._closed = True
+        # Finish the queued allocations (each group's waits are bounded), then stop.
+        while self._drivers:
+            await asyncio.gather(*self._drivers, return_exceptions=True)
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -458,38 +507,99 @@ class PostgresStore:
                 raise _unavailable(error) from error
 
     # --- writes ------------------------------------------------------------------------------
+    #
+    # Allocations of one thread queue up in this store and go to the database in groups: one
+    # transaction, one row lock, one commit for every allocation queued behind the previous
+    # group (so a hot thread costs one waiting connection per replica, not one per caller).
 
     async def allocate(self, allocation: Allocation) -> list[Turn]:
-        suspects: list[str] = []  # ids a rolled-back attempt found taken
-        turns = await self._run(
-            lambda conn: self._allocate_once(conn, allocation, suspects),
-            # With a request_id a repeat returns what the first attempt committed; without
-            # one, _allocate_once says (by _Lost) when nothing can have been committed.
-            idempotent=bool(allocation.request_id),
-        )
-        return turns
+        if self._closed:
+            raise store_unavailable("store is closed")
+        self._require_pool()
+        key = (allocation.namespace, allocation.thread_id)
+        queued = _Queued(allocation, asyncio.get_running_loop().create_future())
+        queue = self._queues.get(key)
+        if queue is None:
+            self._queues[key] = [queued]
+            driver = asyncio.create_task(self._drive(key), name="turnid-pg-thread")
+            self._drivers.add(driver)
+            driver.add_done_callback(self._drivers.discard)
+        else:
+            queue.append(queued)
+        return await queued.future
 
-    async def _allocate_once(
-        self, conn: Connection, allocation: Allocation, suspects: list[str]
-    ) -> list[Turn]:
-        namespace, thread_id = allocation.namespace, allocation.thread_id
-        key = (namespace, thread_id)
-        request_id = allocation.request_id
-        claimed = allocation.claimed_turn_id
+    async def _drive(self, key: ThreadKey) -> None:
+        """Commits the thread's queued allocations, group by group, until none are left."""
+        queue = self._queues[key]
+        try:
+            while queue:
+                group: list[_Queued] = []
+                turns = 0
+                while queue and len(group) < _GROUP_MAX and turns < _GROUP_TURNS:
+                    queued = queue.pop(0)
+                    if queued.future.done():  # the caller gave up
+                        continue
+                    if time.monotonic() - queued.since > self._acquire_timeout_s:
+                        # Waited as long as for a pooled connection: let the caller retry.
+                        queued.future.set_exception(
+                            store_unavailable("postgresql: allocation queued too long")
+                        )
+                        continue
+                    group.append(queued)
+                    turns += queued.allocation.count
+                if group:
+                    await self._commit_group(key, group)
+        finally:
+            if self._queues.get(key) is queue:
+                del self._queues[key]
+
+    async def _commit_group(self, key: ThreadKey, group: list[_Queued]) -> None:
+        suspects: list[str] = []  # ids a rolled-back attempt found taken
+        try:
+            outcomes = await self._run(
+                lambda conn: self._group_once(conn, key, group, suspects),
+                # Repeating is safe only where nothing was committed: _group_once says so by
+                # raising _Lost when the connection died before the commit went out.
+                idempotent=False,
+            )
+        except BaseException as error:
+            failure = error if isinstance(error, Exception) else store_unavailable("cancelled")
+            for queued in group:
+                if not queued.future.done():
+                    queued.future.set_exception(failure)
+            if not isinstance(error, Exception):
+                raise
+            return
+        for queued, outcome in zip(group, outcomes, strict=True):
+            if queued.future.done():
+                continue
+            if isinstance(outcome, TurnIdError):
+                queued.future.set_exception(outcome)
+            else:
+                queued.future.set_result(outcome)
+
+    async def _group_once(
+        self, conn: Connection, key: ThreadKey, group: list[_Queued], suspects: list[str]
+    ) -> list[list[Turn] | TurnIdError]:
+        namespace, thread_id = key
+        allocations = [queued.allocation for queued in group]
+        request_ids = sorted({a.request_id for a in allocations if a.request_id})
+        candidates = [a.claimed_turn_id for a in allocations if a.claimed_turn_id is not None]
+        candidates += suspects
         started = time.perf_counter()
         commit_sent = False
-        turn_ids: list[str] = []
+        granted_ids: list[str] = []
+        granted = 0
         try:
             async with conn.pipeline() as pipeline, conn.transaction():
                 # Round trip 1: lock the thread, then read (new snapshots) what decide needs.
                 await conn.execute(_NEW_THREAD, key)
                 locked = await conn.execute(_LOCK_THREAD, key)
                 seen_cursor = (
-                    await conn.execute(_SEEN, (namespace, thread_id, request_id))
-                    if request_id
+                    await conn.execute(_SEEN, (namespace, thread_id, request_ids))
+                    if request_ids
                     else None
                 )
-                candidates = [claimed, *suspects] if claimed is not None else suspects
                 taken_cursor = (
                     await conn.execute(_TAKEN, (namespace, thread_id, candidates))
                     if candidates
@@ -500,69 +610,90 @@ class PostgresStore:
                 if row is None:  # the INSERT above guarantees the row
                     raise _Retry("thread row vanished")
                 state = _state(row)
-                seen = None
+                records: dict[str, RequestRecord] = {}
                 if seen_cursor is not None:
-                    found = await seen_cursor.fetchone()
-                    if found is not None:
-                        seen = RequestRecord(found[0], found[1], found[2], found[3])
+                    for r in await seen_cursor.fetchall():
+                        records[r[0]] = RequestRecord(r[1], r[2], r[3], r[4])
                 taken = {r[0] for r in await taken_cursor.fetchall()} if taken_cursor else set()
+
+                # Each allocation decided against the state the previous one left.
                 now_us = time.time_ns() // 1000
-                decision = decide(allocation, state, seen, taken.__contains__, now_us)
-                if isinstance(decision, Replay):
-                    cursor = await conn.execute(
-                        f"SELECT {_TURN_COLUMNS} FROM turns WHERE namespace = %s "
-                        "AND thread_id = %s AND sequence >= %s ORDER BY sequence LIMIT %s",
-                        (namespace, thread_id, decision.first_sequence, decision.count),
-                    )
-                    return [_turn(r) for r in await cursor.fetchall()]
-                # Round trip 2: write, commit (sent together when the blocks exit).
-                new = decision.state
-                record = decision.record
-                turn_ids = [turn.turn_id for turn in decision.turns]
-                await conn.execute(
-                    _WRITE,
-                    {
-                        "namespace": namespace,
-                        "thread_id": thread_id,
-                        "next_sequence": new.next_sequence,
-                        "next_compaction": new.next_compaction,
-                        "last_minted": new.last_minted,
-                        "max_claimed": new.max_claimed,
-                        "create_time_us": new.create_time_us,
-                        "update_time_us": new.update_time_us,
-                        "has_record": record is not None,
-                        "request_id": request_id,
-                        "kind": int(allocation.kind),
-                        "count": allocation.count,
-                        "claimed_turn_id": claimed,
-                        "claimed": claimed is not None,
-                        "first_sequence": state.next_sequence,
-                        "now_us": now_us,
-                        "turn_ids": turn_ids,
-                    },
+                outcomes: list[list[Turn] | TurnIdError | Replay] = []
+                fresh: dict[str, list[Turn]] = {}  # request_id -> turns granted in this group
+                new_turns: list[Turn] = []
+                new_records: list[tuple[str, RequestRecord]] = []
+                for allocation in allocations:
+                    rid = allocation.request_id
+                    try:
+                        decision = decide(
+                            allocation,
+                            state,
+                            records.get(rid) if rid else None,
+                            taken.__contains__,
+                            now_us,
+                        )
+                    except TurnIdError as refusal:
+                        outcomes.append(refusal)
+                        continue
+                    if isinstance(decision, Replay):
+                        outcomes.append(fresh.get(rid, decision))
+                        continue
+                    state = decision.state
+                    new_turns += decision.turns
+                    taken.update(turn.turn_id for turn in decision.turns)
+                    if decision.record is not None:
+                        records[rid] = decision.record
+                        fresh[rid] = decision.turns
+                        new_records.append((rid, decision.record))
+                    outcomes.append(decision.turns)
+                    granted += 1
+
+                # Round trip 2: read what is replayed, write, commit (sent together when the
+                # blocks exit).
+                replayed = [o for o in outcomes if isinstance(o, Replay)]
+                replay_cursor = None
+                if replayed:
+                    sequences = [
+                        s
+                        for o in replayed
+                        for s in range(o.first_sequence, o.first_sequence + o.count)
+                    ]
+                    replay_cursor = await conn.execute(_REPLAYED, (namespace, thread_id, sequences))
+                if new_turns:
+                    granted_ids = [turn.turn_id for turn in new_turns]
+                    await conn.execute(_WRITE, _write_params(key, state, new_turns, new_records))
+                    commit_sent = True
+                by_sequence = (
+                    {t.sequence: t for t in map(_turn, await replay_cursor.fetchall())}
+                    if replay_cursor is not None
+                    else {}
                 )
-                commit_sent = True
         except pg_errors.UniqueViolation as error:
             if error.diag.constraint_name == _TURN_ID_KEY:
                 # A minted id collided with a claimed one: roll back, retry with it reported.
-                suspects.extend(turn_ids)
+                suspects.extend(granted_ids)
             raise _Retry(_one_line(error)) from error
         except psycopg.OperationalError as error:
             if conn.broken and not commit_sent:
                 raise _Lost(_one_line(error)) from error
             raise
-        elapsed = time.perf_counter() - started
-        self._committed(key, len(decision.turns), elapsed)
-        return decision.turns
+        if new_turns:
+            self._committed(key, granted, len(new_turns), time.perf_counter() - started)
+        return [
+            [by_sequence[s] for s in range(o.first_sequence, o.first_sequence + o.count)]
+            if isinstance(o, Replay)
+            else o
+            for o in outcomes
+        ]
 
-    def _committed(self, key: ThreadKey, turns: int, seconds: float) -> None:
+    def _committed(self, key: ThreadKey, allocations: int, turns: int, seconds: float) -> None:
         self.changes.publish(key)
         self._pending.add(key)
         self._notify_wanted.set()
         hook = self.on_commit
         if hook is not None:
             try:
-                hook(1, turns, seconds)
+                hook(allocations, turns, seconds)
             except Exception:
                 log.exception("on_commit hook failed")
 

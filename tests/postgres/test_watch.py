@@ -1,0 +1,119 @@
+"""WatchTurns on PostgreSQL (invariant 11): a watcher on one replica sees turns that another
+replica allocated, woken by NOTIFY, and, where a notification is lost, by the fallback re-read or
+the listener's reconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncGenerator
+
+import psycopg
+import pytest
+
+from turnid.service.domain import Allocation, TurnKind, TurnService, WatchUpdate
+from turnid.service.stores.postgres import PostgresStore
+
+from .conftest import StoreMaker
+
+pytestmark = pytest.mark.postgres
+
+USER = TurnKind.USER_INPUT
+WAIT_S = 20.0  # an upper bound for an event that should take milliseconds
+
+
+async def next_update(watch: AsyncGenerator[WatchUpdate, None]) -> WatchUpdate:
+    async with asyncio.timeout(WAIT_S):
+        return await anext(watch)
+
+
+async def started_watch(
+    store: PostgresStore, thread_id: str, namespace: str = ""
+) -> AsyncGenerator[WatchUpdate, None]:
+    watch = await TurnService(store).watch(thread_id, 0, namespace=namespace)
+    first = await next_update(watch)
+    assert first == WatchUpdate([], True)
+    return watch
+
+
+async def insert_behind_the_stores_back(url: str, thread_id: str, sequence: int) -> str:
+    """A claimed turn committed without NOTIFY (as if the notification had been lost); the
+    thread must exist."""
+    turn_id = f"raw-{uuid.uuid4()}"
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute(
+            "INSERT INTO turns (namespace, thread_id, sequence, turn_id, kind, request_id, "
+            "claimed, create_time_us) VALUES ('', %s, %s, %s, %s, '', true, 0)",
+            (thread_id, sequence, turn_id, int(USER)),
+        )
+        await conn.execute(
+            "UPDATE threads SET next_sequence = %s WHERE namespace = '' AND thread_id = %s",
+            (sequence + 1, thread_id),
+        )
+    return turn_id
+
+
+async def test_a_watcher_sees_another_replicas_turns_by_notify(make_store: StoreMaker) -> None:
+    # No fallback re-read: only a notification can wake the watcher.
+    watching = await make_store(watch_fallback_s=None)
+    writing = await make_store()
+    await asyncio.wait_for(watching.listening.wait(), WAIT_S)
+    # Any printable character may appear in ids: the payload must carry them intact.
+    for namespace, thread_id in (("", f"w-{uuid.uuid4()}"), ('n"s\\', f"ü\"\\'{uuid.uuid4()}")):
+        watch = await started_watch(watching, thread_id, namespace)
+        try:
+            for n in range(3):
+                turns = await writing.allocate(
+                    Allocation(thread_id, USER, 2, f"r{n}", namespace=namespace)
+                )
+                update = await next_update(watch)
+                assert update == WatchUpdate(turns, True)
+        finally:
+            await watch.aclose()
+    assert watching.changes.watchers == 0
+
+
+async def test_a_lost_notification_is_covered_by_the_fallback_read(
+    make_store: StoreMaker, schema_url: str, thread_id: str
+) -> None:
+    store = await make_store(watch_fallback_s=0.1)
+    (first,) = await store.allocate(Allocation(thread_id, USER, 1))
+    watch = await TurnService(store).watch(thread_id, 0)
+    try:
+        assert await next_update(watch) == WatchUpdate([first], True)
+        turn_id = await insert_behind_the_stores_back(schema_url, thread_id, 2)
+        (update,) = (await next_update(watch)).turns
+        assert (update.turn_id, update.sequence) == (turn_id, 2)
+    finally:
+        await watch.aclose()
+
+
+async def test_the_listener_reconnects_and_wakes_every_watcher(
+    make_store: StoreMaker, schema_url: str, thread_id: str
+) -> None:
+    tag = f"turnid-test-{uuid.uuid4().hex[:12]}"
+    watching = await make_store(url=f"{schema_url}&application_name={tag}", watch_fallback_s=None)
+    writing = await make_store()
+    await asyncio.wait_for(watching.listening.wait(), WAIT_S)
+    watch = await started_watch(watching, thread_id)
+    try:
+        # Committed unnoticed, then the listener's connection dies: on reconnecting it must
+        # assume it missed notifications and wake every watcher.
+        await writing.allocate(Allocation(thread_id, USER, 1))
+        update = await next_update(watch)  # by NOTIFY
+        turn_id = await insert_behind_the_stores_back(schema_url, thread_id, 2)
+        async with await psycopg.AsyncConnection.connect(schema_url, autocommit=True) as admin:
+            cursor = await admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = %s AND query LIKE 'LISTEN%%'",
+                (tag,),
+            )
+            assert await cursor.fetchone() == (1,)
+        update = await next_update(watch)
+        assert [t.turn_id for t in update.turns] == [turn_id]
+        # ... and it listens again.
+        await asyncio.wait_for(watching.listening.wait(), WAIT_S)
+        turns = await writing.allocate(Allocation(thread_id, USER, 1))
+        assert await next_update(watch) == WatchUpdate(turns, True)
+    finally:
+        await watch.aclose()
