@@ -25,12 +25,13 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.e2e.serve_process import ServeProcess
-from tests.grpc_helpers import error_details
 from turnid.service.config import ServerConfig
 from turnid.service.server import TurnIdServer
 from turnid.v1 import turnid_pb2 as pb
 from turnid.v1 import turnid_pb2_grpc as pb_grpc
+
+from ..e2e.serve_process import ServeProcess
+from ..grpc_helpers import error_details
 
 DISK = "2m"
 # What a write may answer while the disk is full: a store outage, or the store out of room.
@@ -184,6 +185,7 @@ def start_up_error(disk: Path, name: str) -> str:
     return log
 
 
+@pytest.mark.e2e
 def test_start_up_on_a_full_disk_names_the_cause_new_file(small_disk: Path) -> None:
     fill(small_disk / "filler")
     log = start_up_error(small_disk, "new.db")
@@ -191,6 +193,7 @@ def test_start_up_on_a_full_disk_names_the_cause_new_file(small_disk: Path) -> N
     assert NAMES_THE_CAUSE.search(log), f"start-up error does not say the disk is full: {log}"
 
 
+@pytest.mark.e2e
 @pytest.mark.xfail(
     strict=True,
     reason="opening an existing WAL database on a full disk says 'disk I/O error' "
