@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
         pass
     else:
         add_token_commands(commands)  # token create
+    try:
+        from turnid.service.admin import add_admin_commands
+    except ImportError:  # pragma: no cover - admin.py lands with issue 12's operations part
+        pass
+    else:
+        add_admin_commands(commands)  # backup, check, stats
     add_client_commands(commands)  # allocate, claim, get, list, parse
     return parser
 
@@ -167,6 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from turnid.service.auth import run_token_command
 
         return run_token_command(args)
+    if getattr(args, "admin_command", None) is not None:
+        from turnid.service.admin import run_admin_command
+
+        return run_admin_command(args)
     if getattr(args, "client_command", None) is not None:
         return run_client_command(args)
     raise AssertionError(args.command)

@@ -158,6 +158,7 @@ class TurnIdServer:
         self._interceptors = list(interceptors)
         self._server: grpc.aio.Server | None = None
         self._store_open = False
+        self.metrics: Any = None  # turnid.service.metrics.Metrics with --metrics-listen
 
     @property
     def gate(self) -> Any:
@@ -187,6 +188,7 @@ class TurnIdServer:
                 maximum_concurrent_rpcs=self.config.max_concurrent_rpcs or None,
             )
             add_to_server(self.servicer, server)
+            self._start_metrics()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
             reflection.enable_server_reflection(
                 (
@@ -214,7 +216,23 @@ class TurnIdServer:
             await self._abort_start()
             raise
 
+    def _start_metrics(self) -> None:
+        if self.config.metrics_listen is None:
+            return
+        from turnid.service.metrics import Metrics
+
+        self.metrics = Metrics()
+        self.metrics.bind(self.servicer, self.store, self.security.authenticator)
+        self.metrics.start(self.config.metrics_listen)  # OSError naming the address
+
+    def _close_metrics(self) -> None:
+        metrics, self.metrics = self.metrics, None
+        if metrics is not None:
+            metrics.close()
+
     async def _abort_start(self) -> None:
+        with contextlib.suppress(Exception):
+            self._close_metrics()
         server, self._server = self._server, None
         with contextlib.suppress(Exception):
             if server is not None:
@@ -251,6 +269,7 @@ class TurnIdServer:
         await server.stop(max(deadline - loop.time(), 1.0) if grace > 0 else 0)
         self._store_open = False
         await self.store.close()
+        self._close_metrics()
 
 
 class StopSignals:

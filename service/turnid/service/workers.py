@@ -28,7 +28,7 @@ import socket
 import sys
 from multiprocessing.connection import Connection, wait
 from types import FrameType
-from typing import Protocol
+from typing import Any, Protocol
 
 from turnid.service.config import ServerConfig, redact_url
 
@@ -167,7 +167,13 @@ def serve_workers(config: ServerConfig, *, signals: StopSignalsLike | None = Non
     # spawn, not fork: gRPC's threads and polling do not survive a fork.
     context = multiprocessing.get_context("spawn")
     status = 1
+    workers_metrics: Any = None
     try:
+        if config.metrics_listen is not None:
+            # One /metrics in the parent for the sum of the workers (which only record).
+            from turnid.service.metrics import WorkersMetrics
+
+            workers_metrics = WorkersMetrics.start(config.metrics_listen)
         readies = []
         for _ in range(config.workers):
             if stop_signal:
@@ -183,6 +189,8 @@ def serve_workers(config: ServerConfig, *, signals: StopSignalsLike | None = Non
         status = _supervise(processes, readies, wakeup_read, stop_signal, listen, config)
     finally:
         failed = _stop(processes, config.drain_seconds + config.grace_seconds + 10.0)
+        if workers_metrics is not None:
+            workers_metrics.close()
         signal.set_wakeup_fd(previous_fd)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
