@@ -227,13 +227,15 @@ class FakeTurnId(turnid_pb2_grpc.TurnIdServiceServicer):  # type: ignore[misc]
         self.watchers += 1
         self.watch_started.set()
         try:
-            yield turnid_pb2.WatchTurnsResponse(turns=history[sent:], caught_up=True)
+            batch = history[sent:]  # taken before the yield: appends may come during it
             sent = max(sent, len(history))
+            yield turnid_pb2.WatchTurnsResponse(turns=batch, caught_up=True)
             while True:
                 async with self.changed:
                     await self.changed.wait_for(lambda sent=sent: len(history) > sent)
-                yield turnid_pb2.WatchTurnsResponse(turns=history[sent:], caught_up=True)
+                batch = history[sent:]
                 sent = len(history)
+                yield turnid_pb2.WatchTurnsResponse(turns=batch, caught_up=True)
         finally:
             self.watchers -= 1
 

@@ -128,3 +128,43 @@ async def test_async_unavailable_after_the_deadline(
             await client.auto_compaction(thread_id, timeout=0.3)
     assert retries
     assert len({event.request_id for event in retries}) == 1
+
+
+def test_every_status_the_service_documents_has_a_typed_error() -> None:
+    from turnid.client import (
+        Cancelled,
+        DeadlineExceeded,
+        FailedPrecondition,
+        Internal,
+        NotFound,
+        PermissionDenied,
+        ResourceExhausted,
+        Unauthenticated,
+    )
+    from turnid.client.errors import error_class
+
+    expected = {
+        grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+        grpc.StatusCode.ALREADY_EXISTS: Conflict,
+        grpc.StatusCode.NOT_FOUND: NotFound,
+        grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+        grpc.StatusCode.UNAVAILABLE: Unavailable,
+        grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+        grpc.StatusCode.CANCELLED: Cancelled,
+        grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+        grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+        grpc.StatusCode.INTERNAL: Internal,
+        grpc.StatusCode.UNKNOWN: TurnIdError,
+    }
+    for code, cls in expected.items():
+        assert error_class(code) is cls
+        assert issubclass(cls, TurnIdError)
+    precondition = FailedPrecondition(
+        grpc.StatusCode.FAILED_PRECONDITION, "moved on", metadata={"last_sequence": "7"}
+    )
+    assert precondition.last_sequence == 7
+    assert FailedPrecondition(grpc.StatusCode.FAILED_PRECONDITION, "x").last_sequence == -1
+    internal = Internal(grpc.StatusCode.INTERNAL, "x", metadata={"correlation_id": "c-1"})
+    assert internal.correlation_id == "c-1"
+    assert "request_id='r-1'" in repr(TurnIdError(grpc.StatusCode.UNKNOWN, "x", request_id="r-1"))
