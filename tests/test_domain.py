@@ -6,7 +6,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from turnid.service.domain import Allocation, TurnIdError, TurnKind, paging, validation
+from turnid.service.domain import (
+    NEW_THREAD,
+    Allocation,
+    Grant,
+    Replay,
+    RequestRecord,
+    ThreadState,
+    TurnIdError,
+    TurnKind,
+    decide,
+    paging,
+    validation,
+)
+from turnid.service.domain.minting import mint_uuid7_after, uuid7_successor
 
 
 def reason_of(call, *args) -> str:  # type: ignore[no-untyped-def]
@@ -89,27 +102,86 @@ def test_page_sizes() -> None:
 
 @given(st.text(min_size=1, max_size=50), st.integers(min_value=1, max_value=2**62))
 def test_page_tokens_round_trip_and_are_bound_to_their_thread(thread: str, after: int) -> None:
-    token = paging.encode(thread, after)
-    assert paging.decode(thread, token) == after
-    assert reason_of(paging.decode, thread + "x", token) == "INVALID_PAGE_TOKEN"
+    token = paging.encode("", thread, after)
+    assert paging.decode("", thread, token) == after
+    assert reason_of(paging.decode, "", thread + "x", token) == "INVALID_PAGE_TOKEN"
+    assert reason_of(paging.decode, "team-a", thread, token) == "INVALID_PAGE_TOKEN"
 
 
 @pytest.mark.parametrize("bad", ["x", "!!!", "MS4wLjA", "bm90IGEgdG9rZW4", "a" * 200])
 def test_foreign_page_tokens_fail(bad: str) -> None:
-    assert reason_of(paging.decode, "t", bad) == "INVALID_PAGE_TOKEN"
+    assert reason_of(paging.decode, "", "t", bad) == "INVALID_PAGE_TOKEN"
 
 
-def test_allocation_turn_ids_by_kind() -> None:
-    assert Allocation("t", TurnKind.AUTO_COMPACTION, 3).turn_ids(7) == [
+def _decide(allocation: Allocation, state: ThreadState = NEW_THREAD, **kw):  # type: ignore[no-untyped-def]
+    taken = kw.pop("taken", set())
+    return decide(allocation, state, kw.pop("seen", None), taken.__contains__, 1_000)
+
+
+def test_decide_numbers_compactions_and_mints_in_order() -> None:
+    grant = _decide(Allocation("t", TurnKind.AUTO_COMPACTION, 3), ThreadState(5, 7))
+    assert isinstance(grant, Grant)
+    assert [t.turn_id for t in grant.turns] == [
         "auto-compact-7",
         "auto-compact-8",
         "auto-compact-9",
     ]
-    minted = Allocation("t", TurnKind.USER_INPUT, 3).turn_ids(7)
-    assert minted == sorted(minted) and len(set(minted)) == 3
+    assert [t.sequence for t in grant.turns] == [5, 6, 7]
+    assert (grant.state.next_sequence, grant.state.next_compaction) == (8, 10)
+    minted = _decide(Allocation("t", TurnKind.USER_INPUT, 3))
+    assert isinstance(minted, Grant)
+    ids = [t.turn_id for t in minted.turns]
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    assert minted.state.last_minted == ids[-1]
+    assert minted.record is None
+
+
+def test_decide_replays_before_it_checks_anything_else() -> None:
+    seen = RequestRecord(int(TurnKind.USER_INPUT), 1, None, 3)
+    again = Allocation("t", TurnKind.USER_INPUT, 1, "r", expected_last_sequence=0)
+    assert _decide(again, ThreadState(9), seen=seen) == Replay(3, 1)
+    other = Allocation("t", TurnKind.REALTIME_DELEGATION, 1, "r")
+    assert reason_of(lambda: _decide(other, ThreadState(9), seen=seen)) == "REQUEST_ID_REUSED"
+
+
+def test_decide_refuses_an_advanced_thread_and_a_taken_claim() -> None:
+    conditional = Allocation("t", TurnKind.USER_INPUT, 1, expected_last_sequence=2)
+    assert reason_of(_decide, conditional, ThreadState(4)) == "THREAD_ADVANCED"
+    assert isinstance(_decide(conditional, ThreadState(3)), Grant)
     claim = Allocation("t", TurnKind.USER_INPUT, 1, claimed_turn_id="rollout-1")
-    assert claim.turn_ids(7) == ["rollout-1"]
-    assert claim.compactions == 0
+    with pytest.raises(TurnIdError) as caught:
+        _decide(claim, taken={"rollout-1"})
+    assert caught.value.reason == "TURN_ID_TAKEN"
+    grant = _decide(claim, ThreadState(max_claimed="a"))
+    assert isinstance(grant, Grant) and grant.state.max_claimed == "rollout-1"
+
+
+def test_decide_mints_past_a_claimed_id_it_collides_with(monkeypatch: pytest.MonkeyPatch) -> None:
+    from turnid.service.domain import allocation
+
+    claimed = "01900000-0000-7000-8000-000000000000"
+    monkeypatch.setattr(allocation, "mint_uuid7_after", lambda last: claimed)
+    grant = _decide(
+        Allocation("t", TurnKind.REALTIME_DELEGATION, 1),
+        ThreadState(2, max_claimed=claimed),
+        taken={claimed},
+    )
+    assert isinstance(grant, Grant)
+    assert grant.turns[0].turn_id == uuid7_successor(claimed)
+
+
+def test_uuid7_successor_keeps_version_variant_and_carries_into_the_millisecond() -> None:
+    import uuid
+
+    text = "01900000-0000-7000-8000-000000000000"
+    nxt = uuid.UUID(uuid7_successor(text))
+    assert (nxt.version, nxt.variant) == (7, uuid.RFC_4122)
+    assert nxt.int == uuid.UUID(text).int + 1
+    full = "01900000-0000-7fff-bfff-ffffffffffff"  # counter exhausted in this millisecond
+    carried = uuid.UUID(uuid7_successor(full))
+    assert carried.int >> 80 == (uuid.UUID(full).int >> 80) + 1
+    assert str(carried) > full and carried.version == 7
+    assert mint_uuid7_after("ffffffff-ffff-7000-8000-000000000000") > "ffffffff-ffff-7000-8"
 
 
 def test_database_urls_are_redacted_for_logs() -> None:
