@@ -87,7 +87,7 @@ class Server:
             command = [PYTHON, str(BENCH / "baseline_server.py"), "--listen", "127.0.0.1:0"]
         else:
             command = [*TURNID, "serve", "--listen", "127.0.0.1:0", "--database", database]
-            command += ["--grace", "5"]
+            command += ["--grace", "5", "--drain", "0"]
             if scenario.workers > 1:
                 command += ["--workers", str(scenario.workers)]
         # --workers N: the parent's line comes once every worker serves.

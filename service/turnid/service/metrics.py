@@ -35,8 +35,9 @@ Families (their names and labels are a contract: dashboards and alerts use them)
   ``GRPCServerErrorsHigh`` alerts work unchanged. Every method x code starts at 0.
 - ``turnid_allocations_total{kind,outcome}``: TURNS (a batch of 10 counts 10), ``kind``
   ``realtime_delegation|auto_compaction|user_input|unspecified|unknown``, ``outcome``
-  ``allocated`` (new turns), ``claimed`` (ClaimTurnId), ``replayed`` (a retried request_id),
-  ``refused`` (a client error: invalid, taken, thread advanced) or ``failed`` (server side:
+  ``allocated`` (new turns, and retries answered from their request_id's record: the servicer
+  does not tell those apart), ``claimed`` (ClaimTurnId), ``refused`` (a client error: invalid,
+  taken, thread advanced) or ``failed`` (server side:
   unavailable, overloaded, internal, cancelled); refused/failed count the turns asked for.
 - ``turnid_group_commit_size`` (histogram, allocations per commit), ``turnid_commit_seconds``
   (histogram): from the store's ``on_commit(allocations, turns, seconds)``.
@@ -138,7 +139,7 @@ _CLIENT_CODES: Final = frozenset(
     }
 )
 KINDS: Final = {0: "unspecified", 1: "realtime_delegation", 2: "auto_compaction", 3: "user_input"}
-OUTCOMES: Final = ("allocated", "claimed", "replayed", "refused", "failed")
+OUTCOMES: Final = ("allocated", "claimed", "refused", "failed")
 STORE_ERROR_REASONS: Final = ("STORE_UNAVAILABLE", "STORAGE_FULL", "OVERLOADED", "INTERNAL_ERROR")
 AUTH_REASONS: Final = ("MISSING_CREDENTIALS", "INVALID_CREDENTIALS")
 MAX_BATCH: Final = 1000
@@ -230,8 +231,7 @@ _AUTH_DOC: Final = "Calls refused by authentication, by reason."
 def _queue_depth(store: Any) -> int:
     depth = getattr(store, "queue_depth", None)
     if depth is None:
-        pending = getattr(store, "_pending", None)  # SqliteStore before `queue_depth`
-        return len(pending) if pending is not None else 0
+        return 0
     return int(depth() if callable(depth) else depth)
 
 
@@ -271,7 +271,7 @@ class Metrics:
         )
         self.allocations = Counter(
             "turnid_allocations",
-            "Turns by kind and outcome (allocated, claimed, replayed, refused, failed).",
+            "Turns by kind and outcome (allocated, claimed, refused, failed).",
             ["kind", "outcome"],
             registry=registry,
         )
@@ -370,19 +370,14 @@ class Metrics:
                 errors.inc()
 
     def _count_turns(self, record: Any, method: str, code: str) -> None:
-        # CallRecord.kind / .count / .replayed (see the module docs of the lead's wiring):
-        # until the servicer fills them, kind is "unknown" and batches count 1 a call.
-        kind = getattr(record, "kind", -1)
-        count = getattr(record, "count", 1) if method == "BatchAllocateTurnIds" else 1
+        # A retry answered from the request record counts as "allocated" again: the servicer
+        # does not tell replays apart (they cost the store a read, not a write).
+        kind = record.kind
+        count = record.count if method == "BatchAllocateTurnIds" else 1
         if not 0 < count <= MAX_BATCH:
             count = 0  # an invalid count asked for nothing that could be granted
         if code == "OK":
-            if getattr(record, "replayed", False):
-                outcome = "replayed"
-            elif method == "ClaimTurnId":
-                outcome = "claimed"
-            else:
-                outcome = "allocated"
+            outcome = "claimed" if method == "ClaimTurnId" else "allocated"
         elif code in _CLIENT_CODES:
             outcome = "refused"
         else:

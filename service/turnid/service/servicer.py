@@ -144,6 +144,8 @@ class CallRecord:
     duration_s: float
     correlation_id: str
     context: Any  # the call's ServicerContext: `peer` reads it only when asked
+    kind: int = 0  # the request's TurnKind number (0 for reads)
+    count: int = 1  # turns asked for (BatchAllocateTurnIds' count, else 1)
 
     @property
     def peer(self) -> str:
@@ -230,7 +232,7 @@ def _unexpected(method: str, error: BaseException) -> TurnIdError:
 class _Call:
     """The bookkeeping of one call: gate, outcome and observers."""
 
-    __slots__ = ("code", "correlation_id", "reason", "request_id", "started")
+    __slots__ = ("code", "correlation_id", "count", "kind", "reason", "request_id", "started")
 
     def __init__(self) -> None:
         self.started = time.perf_counter()
@@ -238,6 +240,8 @@ class _Call:
         self.reason = ""
         self.request_id = ""
         self.correlation_id = ""
+        self.kind = 0
+        self.count = 1
 
     def failed(self, error: TurnIdError) -> None:
         self.code = error.category.value
@@ -345,6 +349,8 @@ class TurnIdServicer:
                 time.perf_counter() - call.started,
                 call.correlation_id,
                 context,
+                call.kind,
+                call.count,
             )
             for observer in self.observers:
                 try:
@@ -369,6 +375,8 @@ class TurnIdServicer:
                 except DecodeError as error:
                     raise _malformed(method, error) from error
                 call.request_id = getattr(request, "request_id", "")
+                call.kind = getattr(request, "kind", 0)
+                call.count = getattr(request, "count", 1)
                 return await behavior(request, namespace)
             except TurnIdError as error:
                 call.failed(error)

@@ -478,6 +478,11 @@ class SqliteStore:
         """Turns queued for the writer (the queue depth `max_pending` bounds)."""
         return self._pending_turns
 
+    @property
+    def queue_depth(self) -> int:
+        """Allocations queued for the writer (the writer_queue_depth metric)."""
+        return len(self._pending)
+
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
         try:
