@@ -1,22 +1,25 @@
 """The PostgreSQL store: any number of stateless `turnid serve` replicas on one database.
 
 Allocation (invariants 1, 2, 4, 5, 8): one READ COMMITTED transaction, two round trips, the
-statements of each sent together in a psycopg pipeline:
+statements of each sent together in a psycopg pipeline (explicit BEGIN/COMMIT: psycopg's
+transaction() syncs the pipeline at every step):
 
 1. `BEGIN`; `INSERT INTO threads ... ON CONFLICT DO NOTHING` (a new thread gets its row);
    `SELECT ... FOR UPDATE` of the thread row, which waits for and then holds the thread's lock
    and returns its state as the previous holder committed it; then, in new statements (so new
    snapshots, taken after the lock was granted, that see whatever the previous holder
-   committed), the request_id's record and, for a claim, whether the thread has the id.
-2. `domain.allocation.decide()` in Python, then one write statement (CTEs: the thread's new
-   state, the request row, the turns) and `COMMIT`. A replay reads its turns instead; a
-   refusal rolls back.
+   committed), the request_ids' records and whether the thread has the claimed ids.
+2. `domain.allocation.decide()` in Python, then the replayed turns' read, one write statement
+   (CTEs: the thread's new state, the request rows, the turns) and `COMMIT`.
 
-The thread row lock serializes allocations within a thread across every replica (other threads
-proceed in parallel), and every id is minted under it from the thread's `last_minted`, so UUID
-order is history order whatever the replicas' clocks. A minted id that collides with a claimed
-one (astronomically rare) fails the turns' unique key: the transaction rolls back and is
-retried with that id reported taken. Serialization failures and deadlocks (engines running
+Allocations of one thread that queue up in one store go in one such transaction (a group),
+decided one after the other against the state the previous one left: a hot thread costs one
+lock wait per replica, not one per caller, and one commit per group. A refusal refuses only its
+allocation. The thread row lock serializes groups across every replica (other threads proceed
+in parallel), and every id is minted under it from the thread's `last_minted`, so UUID order is
+history order whatever the replicas' clocks. A minted id that collides with a claimed one
+(astronomically rare) fails the turns' unique key: the transaction rolls back and is retried
+with that id reported taken. Serialization failures and deadlocks (engines running
 SERIALIZABLE) are retried too.
 
 Watch (invariant 11): after each commit the store wakes its own watchers and queues the thread
@@ -59,6 +62,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -340,6 +344,59 @@ class _Queued:
     since: float = field(default_factory=time.monotonic)
 
 
+@dataclass(slots=True)
+class _Decided:
+    """A group decided: one outcome per allocation (turns, a refusal, or a replay of turns in
+    the database), what to write, and the sequences to read for the replays."""
+
+    outcomes: list[list[Turn] | TurnIdError | Replay]
+    state: ThreadState
+    turns: list[Turn]
+    records: list[tuple[str, RequestRecord]]
+    replayed: list[int]
+    granted: int
+
+
+def _decide_group(
+    allocations: list[Allocation],
+    state: ThreadState,
+    records: dict[str, RequestRecord],
+    taken: set[str],
+    now_us: int | None = None,
+) -> _Decided:
+    """Each allocation decided against the state the previous one left (a request_id granted
+    earlier in the group replays that grant; its ids count as taken)."""
+    now_us = time.time_ns() // 1000 if now_us is None else now_us
+    decided = _Decided([], state, [], [], [], 0)
+    fresh: dict[str, list[Turn]] = {}  # request_id -> turns granted in this group
+    for allocation in allocations:
+        rid = allocation.request_id
+        seen = records.get(rid) if rid else None
+        try:
+            decision = decide(allocation, decided.state, seen, taken.__contains__, now_us)
+        except TurnIdError as refusal:
+            decided.outcomes.append(refusal)
+            continue
+        if isinstance(decision, Replay):
+            if rid in fresh:
+                decided.outcomes.append(fresh[rid])
+            else:
+                decided.outcomes.append(decision)
+                first = decision.first_sequence
+                decided.replayed += range(first, first + decision.count)
+            continue
+        decided.state = decision.state
+        decided.turns += decision.turns
+        decided.granted += 1
+        taken.update(turn.turn_id for turn in decision.turns)
+        if decision.record is not None:
+            records[rid] = decision.record
+            fresh[rid] = decision.turns
+            decided.records.append((rid, decision.record))
+        decided.outcomes.append(decision.turns)
+    return decided
+
+
 def _write_params(
     key: ThreadKey,
     state: ThreadState,
@@ -581,6 +638,8 @@ class PostgresStore:
     async def _group_once(
         self, conn: Connection, key: ThreadKey, group: list[_Queued], suspects: list[str]
     ) -> list[list[Turn] | TurnIdError]:
+        """One transaction for the group, in two round trips. Explicit BEGIN/COMMIT in one
+        pipeline: psycopg's transaction() inside a pipeline syncs at every step (five)."""
         namespace, thread_id = key
         allocations = [queued.allocation for queued in group]
         request_ids = sorted({a.request_id for a in allocations if a.request_id})
@@ -588,11 +647,12 @@ class PostgresStore:
         candidates += suspects
         started = time.perf_counter()
         commit_sent = False
-        granted_ids: list[str] = []
-        granted = 0
+        decided: _Decided | None = None
+        replay_cursor = None
         try:
-            async with conn.pipeline() as pipeline, conn.transaction():
+            async with conn.pipeline() as pipeline:
                 # Round trip 1: lock the thread, then read (new snapshots) what decide needs.
+                await conn.execute("BEGIN")
                 await conn.execute(_NEW_THREAD, key)
                 locked = await conn.execute(_LOCK_THREAD, key)
                 seen_cursor = (
@@ -605,85 +665,62 @@ class PostgresStore:
                     if candidates
                     else None
                 )
-                await pipeline.sync()
+                try:
+                    await pipeline.sync()
+                except psycopg.Error:
+                    if not conn.broken:
+                        await conn.execute("ROLLBACK")  # sent as the block exits
+                    raise
                 row = await locked.fetchone()
-                if row is None:  # the INSERT above guarantees the row
-                    raise _Retry("thread row vanished")
-                state = _state(row)
                 records: dict[str, RequestRecord] = {}
                 if seen_cursor is not None:
                     for r in await seen_cursor.fetchall():
                         records[r[0]] = RequestRecord(r[1], r[2], r[3], r[4])
                 taken = {r[0] for r in await taken_cursor.fetchall()} if taken_cursor else set()
+                if row is None:  # the INSERT above guarantees the row
+                    await conn.execute("ROLLBACK")
+                    raise _Retry("thread row vanished")
+                decided = _decide_group(allocations, _state(row), records, taken)
 
-                # Each allocation decided against the state the previous one left.
-                now_us = time.time_ns() // 1000
-                outcomes: list[list[Turn] | TurnIdError | Replay] = []
-                fresh: dict[str, list[Turn]] = {}  # request_id -> turns granted in this group
-                new_turns: list[Turn] = []
-                new_records: list[tuple[str, RequestRecord]] = []
-                for allocation in allocations:
-                    rid = allocation.request_id
-                    try:
-                        decision = decide(
-                            allocation,
-                            state,
-                            records.get(rid) if rid else None,
-                            taken.__contains__,
-                            now_us,
-                        )
-                    except TurnIdError as refusal:
-                        outcomes.append(refusal)
-                        continue
-                    if isinstance(decision, Replay):
-                        outcomes.append(fresh.get(rid, decision))
-                        continue
-                    state = decision.state
-                    new_turns += decision.turns
-                    taken.update(turn.turn_id for turn in decision.turns)
-                    if decision.record is not None:
-                        records[rid] = decision.record
-                        fresh[rid] = decision.turns
-                        new_records.append((rid, decision.record))
-                    outcomes.append(decision.turns)
-                    granted += 1
-
-                # Round trip 2: read what is replayed, write, commit (sent together when the
-                # blocks exit).
-                replayed = [o for o in outcomes if isinstance(o, Replay)]
-                replay_cursor = None
-                if replayed:
-                    sequences = [
-                        s
-                        for o in replayed
-                        for s in range(o.first_sequence, o.first_sequence + o.count)
-                    ]
-                    replay_cursor = await conn.execute(_REPLAYED, (namespace, thread_id, sequences))
-                if new_turns:
-                    granted_ids = [turn.turn_id for turn in new_turns]
-                    await conn.execute(_WRITE, _write_params(key, state, new_turns, new_records))
-                    commit_sent = True
-                by_sequence = (
-                    {t.sequence: t for t in map(_turn, await replay_cursor.fetchall())}
-                    if replay_cursor is not None
-                    else {}
-                )
-        except pg_errors.UniqueViolation as error:
-            if error.diag.constraint_name == _TURN_ID_KEY:
-                # A minted id collided with a claimed one: roll back, retry with it reported.
-                suspects.extend(granted_ids)
-            raise _Retry(_one_line(error)) from error
-        except psycopg.OperationalError as error:
-            if conn.broken and not commit_sent:
+                # Round trip 2 (the block's exit): read what is replayed, write, commit.
+                if decided.replayed:
+                    replay_cursor = await conn.execute(
+                        _REPLAYED, (namespace, thread_id, decided.replayed)
+                    )
+                if decided.turns:
+                    await conn.execute(
+                        _WRITE, _write_params(key, decided.state, decided.turns, decided.records)
+                    )
+                commit_sent = True
+                await conn.execute("COMMIT")
+            by_sequence = (
+                {t.sequence: t for t in map(_turn, await replay_cursor.fetchall())}
+                if replay_cursor is not None
+                else {}
+            )
+        except BaseException as error:
+            if not isinstance(error, Exception):
+                raise  # cancelled: the pool discards a connection left mid-transaction
+            # A failed statement skips the COMMIT queued behind it: end the transaction.
+            if not conn.broken and conn.info.transaction_status != pq.TransactionStatus.IDLE:
+                with contextlib.suppress(psycopg.Error):
+                    await conn.execute("ROLLBACK")
+            if isinstance(error, pg_errors.UniqueViolation):
+                if error.diag.constraint_name == _TURN_ID_KEY and decided is not None:
+                    # A minted id collided with a claimed one: retry with it reported taken.
+                    suspects.extend(turn.turn_id for turn in decided.turns)
+                raise _Retry(_one_line(error)) from error
+            if isinstance(error, psycopg.OperationalError) and conn.broken and not commit_sent:
                 raise _Lost(_one_line(error)) from error
             raise
-        if new_turns:
-            self._committed(key, granted, len(new_turns), time.perf_counter() - started)
+        if decided.turns:
+            seconds = time.perf_counter() - started
+            self._committed(key, decided.granted, len(decided.turns), seconds)
         return [
             [by_sequence[s] for s in range(o.first_sequence, o.first_sequence + o.count)]
             if isinstance(o, Replay)
             else o
-            for o in outcomes
+            for o in decided.outcomes
         ]
 
     def _committed(self, key: ThreadKey, allocations: int, turns: int, seconds: float) -> None:
