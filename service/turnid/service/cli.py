@@ -19,6 +19,7 @@ from turnid.service.config import (
     default_database_url,
     load_serve_config,
     render_config,
+    store_options,
 )
 
 if TYPE_CHECKING:
@@ -123,7 +124,7 @@ def _serve_with(args: argparse.Namespace, signals: StopSignals) -> int:
             print(f"turnid serve: {error}", file=sys.stderr)
             return 1
     try:
-        store = open_store(config.database, migrate=config.migrate)
+        store = open_store(config.database, migrate=config.migrate, options=store_options(config))
     except ValueError as error:
         return _bad_setting(loaded, ConfigError("database", str(error)))
     try:

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from turnid.service.stores import StoreOptions
+
 DEFAULT_LISTEN = "127.0.0.1:50051"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
@@ -103,9 +105,14 @@ class ServerConfig:
     # PostgreSQL store (ignored by other stores).
     pg_pool_min: int = 2
     pg_pool_max: int = 10
-    pg_pool_timeout_seconds: float = 5.0  # wait for a pooled connection
+    # Every wait of a call on the server is shorter than the client's default deadline (10 s),
+    # so a call that waits can still come back and be retried in time (invariant 9).
+    pg_pool_timeout_seconds: float = 3.0  # wait for a pooled connection
     pg_connect_timeout_seconds: float = 5.0  # unless the URL sets connect_timeout
-    pg_statement_timeout_seconds: float = 5.0  # below the client's 10 s default deadline
+    pg_statement_timeout_seconds: float = 3.0
+    pg_lock_timeout_seconds: float = 2.0  # wait for a thread's row lock
+    # SQLite store: wait this long for another process's write lock.
+    sqlite_busy_timeout_seconds: float = 5.0
 
     def __post_init__(self) -> None:
         try:
@@ -131,6 +138,8 @@ class ServerConfig:
             "pg_pool_timeout_seconds",
             "pg_connect_timeout_seconds",
             "pg_statement_timeout_seconds",
+            "pg_lock_timeout_seconds",
+            "sqlite_busy_timeout_seconds",
         ):
             _require(self, name, lambda v: math.isfinite(v) and v > 0, "a number > 0")
         _require(self, "workers", lambda v: v >= 1, "at least 1")
@@ -154,6 +163,19 @@ class ServerConfig:
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+
+def store_options(config: ServerConfig) -> StoreOptions:
+    """The store settings of a server configuration."""
+    return StoreOptions(
+        sqlite_busy_timeout_s=config.sqlite_busy_timeout_seconds,
+        pg_pool_min=config.pg_pool_min,
+        pg_pool_max=config.pg_pool_max,
+        pg_pool_timeout_s=config.pg_pool_timeout_seconds,
+        pg_connect_timeout_s=config.pg_connect_timeout_seconds,
+        pg_statement_timeout_s=config.pg_statement_timeout_seconds,
+        pg_lock_timeout_s=config.pg_lock_timeout_seconds,
+    )
 
 
 def _require(config: ServerConfig, name: str, ok: Any, what: str) -> None:
@@ -245,6 +267,10 @@ SETTINGS: tuple[Setting, ...] = (
             "PostgreSQL: connect timeout unless the URL sets connect_timeout", "SECONDS"),
     Setting("pg_statement_timeout_seconds", "--pg-statement-timeout", "float",
             "PostgreSQL: statement_timeout of every statement", "SECONDS"),
+    Setting("pg_lock_timeout_seconds", "--pg-lock-timeout", "float",
+            "PostgreSQL: lock_timeout (the wait for a thread's row lock)", "SECONDS"),
+    Setting("sqlite_busy_timeout_seconds", "--sqlite-busy-timeout", "float",
+            "SQLite: wait this long for another process's write lock", "SECONDS"),
 )  # fmt: skip
 _BY_FIELD = {setting.field: setting for setting in SETTINGS}
 _BY_NAME = {setting.name: setting for setting in SETTINGS}

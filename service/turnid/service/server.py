@@ -35,7 +35,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from turnid.service import logs
-from turnid.service.config import ConfigError, ServerConfig, redact_url
+from turnid.service.config import ConfigError, ServerConfig, redact_url, store_options
 from turnid.service.domain import TurnService
 from turnid.service.servicer import CallObserver, TurnIdServicer, add_to_server
 from turnid.service.stores import Store, open_store
@@ -150,7 +150,11 @@ class TurnIdServer:
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),  # type: ignore[type-arg]
     ) -> None:
         self.config = config
-        self.store = store if store is not None else open_store(config.database)
+        self.store = (
+            store
+            if store is not None
+            else open_store(config.database, options=store_options(config))
+        )
         self.security = security if security is not None else Security.from_config(config)
         self.health = HealthServicer()
         self.servicer = TurnIdServicer(TurnService(self.store), [logs.log_call, *observers])

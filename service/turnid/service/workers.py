@@ -30,7 +30,7 @@ from multiprocessing.connection import Connection, wait
 from types import FrameType
 from typing import Any, Protocol
 
-from turnid.service.config import ServerConfig, redact_url
+from turnid.service.config import ServerConfig, redact_url, store_options
 
 log = logging.getLogger("turnid.workers")
 
@@ -119,7 +119,7 @@ def _worker(config: ServerConfig, parent_pid: int, ready: Connection) -> None:
         asyncio.run(
             serve(
                 config,
-                open_store(config.database, migrate=config.migrate),
+                open_store(config.database, migrate=config.migrate, options=store_options(config)),
                 on_serving=lambda server: ready.send(server.port),
                 signals=signals,
             )

@@ -203,13 +203,15 @@ def _described(error: psycopg.Error) -> str:
     return f"{_one_line(error)}{state}"
 
 
-def _connect_kwargs(url: str) -> dict[str, Any]:
+def _connect_kwargs(
+    url: str, connect_timeout_s: float = _DEFAULT_CONNECT_TIMEOUT_S
+) -> dict[str, Any]:
     """autocommit (transactions are explicit), a connect timeout and TCP keepalives, each
     unless the URL sets it."""
     given = conninfo_to_dict(url)
     kwargs: dict[str, Any] = {"autocommit": True}
     if "connect_timeout" not in given:
-        kwargs["connect_timeout"] = _DEFAULT_CONNECT_TIMEOUT_S
+        kwargs["connect_timeout"] = max(1, round(connect_timeout_s))  # libpq: whole seconds
     for name, value in _KEEPALIVES.items():
         if name not in given:
             kwargs[name] = value
@@ -447,8 +449,10 @@ class PostgresStore:
         open_timeout_s: float = 10.0,
         max_attempts: int = 5,
         watch_fallback_s: float = 1.5,
+        connect_timeout_s: float = _DEFAULT_CONNECT_TIMEOUT_S,
     ) -> None:
         self.url = url
+        self._connect_timeout_s = connect_timeout_s
         self.migrate = migrate
         self._pool_min = pool_min
         self._pool_max = pool_max
@@ -485,7 +489,7 @@ class PostgresStore:
         await migrate(self.url, apply=self.migrate)
         pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
             self.url,
-            kwargs=_connect_kwargs(self.url),
+            kwargs=_connect_kwargs(self.url, self._connect_timeout_s),
             min_size=self._pool_min,
             max_size=self._pool_max,
             timeout=self._acquire_timeout_s,
@@ -795,7 +799,7 @@ class PostgresStore:
     async def _listen(self) -> None:
         """One LISTEN connection per store, reconnecting until the store closes."""
         backoff = _LISTEN_BACKOFF_S[0]
-        kwargs = _connect_kwargs(self.url)
+        kwargs = _connect_kwargs(self.url, self._connect_timeout_s)
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(self.url, **kwargs)
