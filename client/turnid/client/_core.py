@@ -182,6 +182,9 @@ class CallPlan(Generic[_T_co]):
     `method` names the RPC on `stub` ("turnid": TurnIdService, "health": grpc.health.v1);
     every attempt sends `request` (and so `request_id`); `decode` turns the response into the
     method's result; `timeout` is the call's deadline in seconds (None: the client's).
+    A write that may travel in an AllocateMany call names its `AllocateManyItem` field in
+    `item` ("allocate", "batch_allocate", "claim"; "" for the rest) and decodes an item's
+    repeated Turn with `decode_turns`.
     """
 
     method: str
@@ -190,6 +193,8 @@ class CallPlan(Generic[_T_co]):
     request_id: str = ""
     timeout: float | None = None
     stub: str = "turnid"
+    item: str = ""
+    decode_turns: Callable[[Any], _T_co] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,15 @@ def _turns(response: Any) -> list[Turn]:
     return [turn_from_proto(turn) for turn in response.turns]
 
 
+# An AllocateMany result's repeated Turn (see _coalesce).
+def _first_turn(turns: Any) -> Turn:
+    return turn_from_proto(turns[0])
+
+
+def _turn_list(turns: Any) -> list[Turn]:
+    return [turn_from_proto(turn) for turn in turns]
+
+
 def present_as_method(method: Any, plan: Callable[..., Any]) -> None:
     """Make help() and inspect show `method` as `(self, <plan's parameters>) -> <its result>`."""
     signature = inspect.signature(plan)
@@ -79,7 +88,15 @@ def allocate(
         request_id=request_id,
         **_condition(expected_last_sequence),
     )
-    return CallPlan("AllocateTurnId", request, _one_turn, request_id, timeout)
+    return CallPlan(
+        "AllocateTurnId",
+        request,
+        _one_turn,
+        request_id,
+        timeout,
+        item="allocate",
+        decode_turns=_first_turn,
+    )
 
 
 def realtime_delegation(
@@ -155,7 +172,15 @@ def allocate_batch(
         request_id=request_id,
         **_condition(expected_last_sequence),
     )
-    return CallPlan("BatchAllocateTurnIds", request, _turns, request_id, timeout)
+    return CallPlan(
+        "BatchAllocateTurnIds",
+        request,
+        _turns,
+        request_id,
+        timeout,
+        item="batch_allocate",
+        decode_turns=_turn_list,
+    )
 
 
 def claim(
@@ -179,7 +204,15 @@ def claim(
         request_id=request_id,
         **_condition(expected_last_sequence),
     )
-    return CallPlan("ClaimTurnId", request, _one_turn, request_id, timeout)
+    return CallPlan(
+        "ClaimTurnId",
+        request,
+        _one_turn,
+        request_id,
+        timeout,
+        item="claim",
+        decode_turns=_first_turn,
+    )
 
 
 # -- reads -----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2_grpc
 
-from turnid.client import _core, _methods
+from turnid.client import _coalesce, _core, _methods
 from turnid.client._core import (
     CallPlan,
     ChannelOptions,
@@ -64,6 +64,11 @@ class AsyncTurnIdClient:
     loop, and the client then belongs to that loop. Retries, request_ids, errors and the
     token rule work as in `TurnIdClient`. `on_retry` may be a plain function or a coroutine
     function. Cancelling the task that awaits a call cancels the call; it is not retried.
+
+    Coalescing (`coalesce=True`, the default) works as in `TurnIdClient`, for the tasks of the
+    client's loop: a write with nothing in flight goes at once, unary; writes made while a call
+    is in flight go together in the next one (one `AllocateMany`). `coalesce=False` sends every
+    write as its own unary call.
     """
 
     def __init__(
@@ -81,6 +86,7 @@ class AsyncTurnIdClient:
         on_retry: OnRetry | None = None,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
         insecure: bool = False,
+        coalesce: bool = True,
     ) -> None:
         self.options = ConnectOptions(
             target=target,
@@ -100,6 +106,8 @@ class AsyncTurnIdClient:
         self._channel: grpc.aio.Channel | None = None
         self._stubs: dict[str, Any] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._coalesce = coalesce
+        self._coalescer: _coalesce.AsyncCoalescer | None = None
         self._closed = False
         self._watches: weakref.WeakSet[AsyncTurnWatch] = weakref.WeakSet()
 
@@ -175,6 +183,8 @@ class AsyncTurnIdClient:
     async def close(self) -> None:
         """Close the channel; calls in flight fail `Cancelled`, open watches end."""
         self._closed = True
+        if self._coalescer is not None:
+            self._coalescer.close()
         for watch in list(self._watches):
             await watch.aclose()
         channel, self._channel = self._channel, None
@@ -213,6 +223,10 @@ class AsyncTurnIdClient:
                 "turnid": turnid_pb2_grpc.TurnIdServiceStub(self._channel),
                 "health": health_pb2_grpc.HealthStub(self._channel),
             }
+            if self._coalesce:
+                self._coalescer = _coalesce.AsyncCoalescer(
+                    self._stubs["turnid"], self._metadata, loop
+                )
             self._loop = loop
         elif loop is not self._loop:
             raise RuntimeError("an AsyncTurnIdClient belongs to the event loop it first ran on")
@@ -222,12 +236,17 @@ class AsyncTurnIdClient:
         rpc = getattr(self._stub(plan.stub), plan.method)
         timeout = self.options.timeout if plan.timeout is None else plan.timeout
         retries = RetryLoop(plan.method, self.options.retry, timeout, plan.request_id)
+        coalescer = self._coalescer if plan.item else None
         while True:
             # A cancelled task gets CancelledError here: not an RpcError, so never retried.
             try:
-                response = await rpc(
-                    plan.request, timeout=retries.next_attempt(), metadata=self._metadata
-                )
+                attempt_timeout = retries.next_attempt()
+                if coalescer is not None and not coalescer.unimplemented:
+                    return await coalescer.call(plan, attempt_timeout)
+                response = await rpc(plan.request, timeout=attempt_timeout, metadata=self._metadata)
+            except _coalesce.Fallback:  # the server has no AllocateMany: this attempt, unary
+                retries.attempt -= 1
+                continue
             except grpc.RpcError as rpc_error:
                 retry = retries.retry_after(rpc_error, local=self._closed)
             else:

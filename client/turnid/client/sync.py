@@ -14,7 +14,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from turnid.client import _core, _methods
+from turnid.client import _coalesce, _core, _methods
 from turnid.client._core import (
     CallPlan,
     ChannelOptions,
@@ -58,6 +58,13 @@ class TurnIdClient:
 
     A `token` is sent as `authorization: Bearer ...`; over a plaintext channel to anything but
     a loopback target that is refused here (ValueError) unless `insecure=True`.
+
+    Coalescing (`coalesce=True`, the default): writes made from many threads at once travel
+    together. A write that finds no call of this client's in flight is sent at once, as its
+    own unary call; writes made while one is in flight are gathered and sent in the next call,
+    one `AllocateMany` for all of them. Each keeps its own deadline, retries, request_id and
+    typed error. A server without AllocateMany (UNIMPLEMENTED) turns it off for good for this
+    client; `coalesce=False` sends every write as its own unary call.
     """
 
     def __init__(
@@ -75,6 +82,7 @@ class TurnIdClient:
         on_retry: OnRetry | None = None,
         interceptors: Sequence[grpc.UnaryUnaryClientInterceptor[Any, Any]] = (),
         insecure: bool = False,
+        coalesce: bool = True,
     ) -> None:
         self.options = ConnectOptions(
             target=target,
@@ -104,6 +112,9 @@ class TurnIdClient:
             "health": health_pb2_grpc.HealthStub(channel),
         }
         self._metadata = self.options.metadata()
+        self._coalescer = (
+            _coalesce.SyncCoalescer(self._stubs["turnid"], self._metadata) if coalesce else None
+        )
         self._closed = threading.Event()
         self._watches: weakref.WeakSet[TurnWatch] = weakref.WeakSet()
 
@@ -178,6 +189,8 @@ class TurnIdClient:
         """Close the channel; calls in flight fail `Cancelled`, open watches end."""
         if not self._closed.is_set():
             self._closed.set()
+            if self._coalescer is not None:
+                self._coalescer.close()
             for watch in list(self._watches):
                 watch.close()
             self._raw_channel.close()
@@ -201,11 +214,16 @@ class TurnIdClient:
         rpc = getattr(self._stubs[plan.stub], plan.method)
         timeout = self.options.timeout if plan.timeout is None else plan.timeout
         retries = RetryLoop(plan.method, self.options.retry, timeout, plan.request_id)
+        coalescer = self._coalescer if plan.item else None
         while True:
             try:
-                response = rpc(
-                    plan.request, timeout=retries.next_attempt(), metadata=self._metadata
-                )
+                attempt_timeout = retries.next_attempt()
+                if coalescer is not None and not coalescer.unimplemented:
+                    return coalescer.call(plan, attempt_timeout)
+                response = rpc(plan.request, timeout=attempt_timeout, metadata=self._metadata)
+            except _coalesce.Fallback:  # the server has no AllocateMany: this attempt, unary
+                retries.attempt -= 1
+                continue
             except grpc.RpcError as rpc_error:
                 retry = retries.retry_after(rpc_error, local=self._closed.is_set())
             else:

@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16turnid/v1/turnid.proto\x12\tturnid.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb5\x01\n\x04Turn\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\x12!\n\x04kind\x18\x03 \x01(\x0e\x32\x13.turnid.v1.TurnKind\x12\x10\n\x08sequence\x18\x04 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0f\n\x07\x63laimed\x18\x07 \x01(\x08\"\xa1\x01\n\x15\x41llocateTurnIdRequest\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12!\n\x04kind\x18\x02 \x01(\x0e\x32\x13.turnid.v1.TurnKind\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12#\n\x16\x65xpected_last_sequence\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x19\n\x17_expected_last_sequence\"7\n\x16\x41llocateTurnIdResponse\x12\x1d\n\x04turn\x18\x01 \x01(\x0b\x32\x0f.turnid.v1.Turn\"\xb6\x01\n\x1b\x42\x61tchAllocateTurnIdsRequest\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12!\n\x04kind\x18\x02 \x01(\x0e\x32\x13.turnid.v1.TurnKind\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12#\n\x16\x65xpected_last_sequence\x18\x05 \x01(\x03H\x00\x88\x01\x01\x42\x19\n\x17_expected_last_sequence\">\n\x1c\x42\x61tchAllocateTurnIdsResponse\x12\x1e\n\x05turns\x18\x01 \x03(\x0b\x32\x0f.turnid.v1.Turn\"\xaf\x01\n\x12\x43laimTurnIdRequest\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\x12!\n\x04kind\x18\x03 \x01(\x0e\x32\x13.turnid.v1.TurnKind\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12#\n\x16\x65xpected_last_sequence\x18\x05 \x01(\x03H\x00\x88\x01\x01\x42\x19\n\x17_expected_last_sequence\"4\n\x13\x43laimTurnIdResponse\x12\x1d\n\x04turn\x18\x01 \x01(\x0b\x32\x0f.turnid.v1.Turn\"4\n\x0eGetTurnRequest\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"0\n\x0fGetTurnResponse\x12\x1d\n\x04turn\x18\x01 \x01(\x0b\x32\x0f.turnid.v1.Turn\"L\n\x10ListTurnsRequest\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"L\n\x11ListTurnsResponse\x12\x1e\n\x05turns\x18\x01 \x03(\x0b\x32\x0f.turnid.v1.Turn\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xd7\x01\n\x06Thread\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\x15\n\rlast_sequence\x18\x02 \x01(\x03\x12\x1d\n\x15next_compaction_index\x18\x03 \x01(\x03\x12\"\n\tlast_turn\x18\x04 \x01(\x0b\x32\x0f.turnid.v1.Turn\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"%\n\x10GetThreadRequest\x12\x11\n\tthread_id\x18\x01 \x01(\t\"6\n\x11GetThreadResponse\x12!\n\x06thread\x18\x01 \x01(\x0b\x32\x11.turnid.v1.Thread\">\n\x11WatchTurnsRequest\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"G\n\x12WatchTurnsResponse\x12\x1e\n\x05turns\x18\x01 \x03(\x0b\x32\x0f.turnid.v1.Turn\x12\x11\n\tcaught_up\x18\x02 \x01(\x08*\x81\x01\n\x08TurnKind\x12\x19\n\x15TURN_KIND_UNSPECIFIED\x10\x00\x12!\n\x1dTURN_KIND_REALTIME_DELEGATION\x10\x01\x12\x1d\n\x19TURN_KIND_AUTO_COMPACTION\x10\x02\x12\x18\n\x14TURN_KIND_USER_INPUT\x10\x03\x32\xbc\x04\n\rTurnIdService\x12U\n\x0e\x41llocateTurnId\x12 .turnid.v1.AllocateTurnIdRequest\x1a!.turnid.v1.AllocateTurnIdResponse\x12g\n\x14\x42\x61tchAllocateTurnIds\x12&.turnid.v1.BatchAllocateTurnIdsRequest\x1a\'.turnid.v1.BatchAllocateTurnIdsResponse\x12L\n\x0b\x43laimTurnId\x12\x1d.turnid.v1.ClaimTurnIdRequest\x1a\x1e.turnid.v1.ClaimTurnIdResponse\x12@\n\x07GetTurn\x12\x19.turnid.v1.GetTurnRequest\x1a\x1a.turnid.v1.GetTurnResponse\x12\x46\n\tListTurns\x12\x1b.turnid.v1.ListTurnsRequest\x1a\x1c.turnid.v1.ListTurnsResponse\x12\x46\n\tGetThread\x12\x1b.turnid.v1.GetThreadRequest\x1a\x1c.turnid.v1.GetThreadResponse\x12K\n\nWatchTurns\x12\x1c.turnid.v1.WatchTurnsRequest\x1a\x1d.turnid.v1.WatchTurnsResponse0\x01\x42R\n\rdev.turnid.v1B\x0bTurnidProtoP\x01Z2github.com/turnid/turnid/gen/go/turnid/v1;turnidv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16turnid/v1/turnid.proto\x12\tturnid.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb5\x01\n\x04Turn\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\x12!\n\x04kind\x18\x03 \x01(\x0e\x32\x13.turnid.v1.TurnKind\x12\x10\n\x08sequence\x18\x04 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0f\n\x07\x63laimed\x18\x07 \x01(\x08\"\xa1\x01\n\x15\x41llocateTurnIdRequest\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12!\n\x04kind\x18\x02 \x01(\x0e\x32\x13.turnid.v1.TurnKind\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12#\n\x16\x65xpected_last_sequence\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x19\n\x17_expected_last_sequence\"7\n\x16\x41llocateTurnIdResponse\x12\x1d\n\x04turn\x18\x01 \x01(\x0b\x32\x0f.turnid.v1.Turn\"\xb6\x01\n\x1b\x42\x61tchAllocateTurnIdsRequest\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12!\n\x04kind\x18\x02 \x01(\x0e\x32\x13.turnid.v1.TurnKind\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12#\n\x16\x65xpected_last_sequence\x18\x05 \x01(\x03H\x00\x88\x01\x01\x42\x19\n\x17_expected_last_sequence\">\n\x1c\x42\x61tchAllocateTurnIdsResponse\x12\x1e\n\x05turns\x18\x01 \x03(\x0b\x32\x0f.turnid.v1.Turn\"\xaf\x01\n\x12\x43laimTurnIdRequest\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\x12!\n\x04kind\x18\x03 \x01(\x0e\x32\x13.turnid.v1.TurnKind\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12#\n\x16\x65xpected_last_sequence\x18\x05 \x01(\x03H\x00\x88\x01\x01\x42\x19\n\x17_expected_last_sequence\"4\n\x13\x43laimTurnIdResponse\x12\x1d\n\x04turn\x18\x01 \x01(\x0b\x32\x0f.turnid.v1.Turn\"4\n\x0eGetTurnRequest\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"0\n\x0fGetTurnResponse\x12\x1d\n\x04turn\x18\x01 \x01(\x0b\x32\x0f.turnid.v1.Turn\"L\n\x10ListTurnsRequest\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"L\n\x11ListTurnsResponse\x12\x1e\n\x05turns\x18\x01 \x03(\x0b\x32\x0f.turnid.v1.Turn\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xd7\x01\n\x06Thread\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\x15\n\rlast_sequence\x18\x02 \x01(\x03\x12\x1d\n\x15next_compaction_index\x18\x03 \x01(\x03\x12\"\n\tlast_turn\x18\x04 \x01(\x0b\x32\x0f.turnid.v1.Turn\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"%\n\x10GetThreadRequest\x12\x11\n\tthread_id\x18\x01 \x01(\t\"6\n\x11GetThreadResponse\x12!\n\x06thread\x18\x01 \x01(\x0b\x32\x11.turnid.v1.Thread\">\n\x11WatchTurnsRequest\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"G\n\x12WatchTurnsResponse\x12\x1e\n\x05turns\x18\x01 \x03(\x0b\x32\x0f.turnid.v1.Turn\x12\x11\n\tcaught_up\x18\x02 \x01(\x08\"A\n\x13\x41llocateManyRequest\x12*\n\x05items\x18\x01 \x03(\x0b\x32\x1b.turnid.v1.AllocateManyItem\"\xc5\x01\n\x10\x41llocateManyItem\x12\x34\n\x08\x61llocate\x18\x01 \x01(\x0b\x32 .turnid.v1.AllocateTurnIdRequestH\x00\x12@\n\x0e\x62\x61tch_allocate\x18\x02 \x01(\x0b\x32&.turnid.v1.BatchAllocateTurnIdsRequestH\x00\x12.\n\x05\x63laim\x18\x03 \x01(\x0b\x32\x1d.turnid.v1.ClaimTurnIdRequestH\x00\x42\t\n\x07request\"F\n\x14\x41llocateManyResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.turnid.v1.AllocateManyResult\"W\n\x12\x41llocateManyResult\x12\x1e\n\x05turns\x18\x01 \x03(\x0b\x32\x0f.turnid.v1.Turn\x12!\n\x06status\x18\x02 \x01(\x0b\x32\x11.turnid.v1.Status\"N\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12%\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x14.google.protobuf.Any*\x81\x01\n\x08TurnKind\x12\x19\n\x15TURN_KIND_UNSPECIFIED\x10\x00\x12!\n\x1dTURN_KIND_REALTIME_DELEGATION\x10\x01\x12\x1d\n\x19TURN_KIND_AUTO_COMPACTION\x10\x02\x12\x18\n\x14TURN_KIND_USER_INPUT\x10\x03\x32\x8d\x05\n\rTurnIdService\x12U\n\x0e\x41llocateTurnId\x12 .turnid.v1.AllocateTurnIdRequest\x1a!.turnid.v1.AllocateTurnIdResponse\x12g\n\x14\x42\x61tchAllocateTurnIds\x12&.turnid.v1.BatchAllocateTurnIdsRequest\x1a\'.turnid.v1.BatchAllocateTurnIdsResponse\x12L\n\x0b\x43laimTurnId\x12\x1d.turnid.v1.ClaimTurnIdRequest\x1a\x1e.turnid.v1.ClaimTurnIdResponse\x12@\n\x07GetTurn\x12\x19.turnid.v1.GetTurnRequest\x1a\x1a.turnid.v1.GetTurnResponse\x12\x46\n\tListTurns\x12\x1b.turnid.v1.ListTurnsRequest\x1a\x1c.turnid.v1.ListTurnsResponse\x12\x46\n\tGetThread\x12\x1b.turnid.v1.GetThreadRequest\x1a\x1c.turnid.v1.GetThreadResponse\x12K\n\nWatchTurns\x12\x1c.turnid.v1.WatchTurnsRequest\x1a\x1d.turnid.v1.WatchTurnsResponse0\x01\x12O\n\x0c\x41llocateMany\x12\x1e.turnid.v1.AllocateManyRequest\x1a\x1f.turnid.v1.AllocateManyResponseBR\n\rdev.turnid.v1B\x0bTurnidProtoP\x01Z2github.com/turnid/turnid/gen/go/turnid/v1;turnidv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,40 +34,50 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'turnid.v1.turnid_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\rdev.turnid.v1B\013TurnidProtoP\001Z2github.com/turnid/turnid/gen/go/turnid/v1;turnidv1'
-  _globals['_TURNKIND']._serialized_start=1667
-  _globals['_TURNKIND']._serialized_end=1796
-  _globals['_TURN']._serialized_start=71
-  _globals['_TURN']._serialized_end=252
-  _globals['_ALLOCATETURNIDREQUEST']._serialized_start=255
-  _globals['_ALLOCATETURNIDREQUEST']._serialized_end=416
-  _globals['_ALLOCATETURNIDRESPONSE']._serialized_start=418
-  _globals['_ALLOCATETURNIDRESPONSE']._serialized_end=473
-  _globals['_BATCHALLOCATETURNIDSREQUEST']._serialized_start=476
-  _globals['_BATCHALLOCATETURNIDSREQUEST']._serialized_end=658
-  _globals['_BATCHALLOCATETURNIDSRESPONSE']._serialized_start=660
-  _globals['_BATCHALLOCATETURNIDSRESPONSE']._serialized_end=722
-  _globals['_CLAIMTURNIDREQUEST']._serialized_start=725
-  _globals['_CLAIMTURNIDREQUEST']._serialized_end=900
-  _globals['_CLAIMTURNIDRESPONSE']._serialized_start=902
-  _globals['_CLAIMTURNIDRESPONSE']._serialized_end=954
-  _globals['_GETTURNREQUEST']._serialized_start=956
-  _globals['_GETTURNREQUEST']._serialized_end=1008
-  _globals['_GETTURNRESPONSE']._serialized_start=1010
-  _globals['_GETTURNRESPONSE']._serialized_end=1058
-  _globals['_LISTTURNSREQUEST']._serialized_start=1060
-  _globals['_LISTTURNSREQUEST']._serialized_end=1136
-  _globals['_LISTTURNSRESPONSE']._serialized_start=1138
-  _globals['_LISTTURNSRESPONSE']._serialized_end=1214
-  _globals['_THREAD']._serialized_start=1217
-  _globals['_THREAD']._serialized_end=1432
-  _globals['_GETTHREADREQUEST']._serialized_start=1434
-  _globals['_GETTHREADREQUEST']._serialized_end=1471
-  _globals['_GETTHREADRESPONSE']._serialized_start=1473
-  _globals['_GETTHREADRESPONSE']._serialized_end=1527
-  _globals['_WATCHTURNSREQUEST']._serialized_start=1529
-  _globals['_WATCHTURNSREQUEST']._serialized_end=1591
-  _globals['_WATCHTURNSRESPONSE']._serialized_start=1593
-  _globals['_WATCHTURNSRESPONSE']._serialized_end=1664
-  _globals['_TURNIDSERVICE']._serialized_start=1799
-  _globals['_TURNIDSERVICE']._serialized_end=2371
+  _globals['_TURNKIND']._serialized_start=2202
+  _globals['_TURNKIND']._serialized_end=2331
+  _globals['_TURN']._serialized_start=98
+  _globals['_TURN']._serialized_end=279
+  _globals['_ALLOCATETURNIDREQUEST']._serialized_start=282
+  _globals['_ALLOCATETURNIDREQUEST']._serialized_end=443
+  _globals['_ALLOCATETURNIDRESPONSE']._serialized_start=445
+  _globals['_ALLOCATETURNIDRESPONSE']._serialized_end=500
+  _globals['_BATCHALLOCATETURNIDSREQUEST']._serialized_start=503
+  _globals['_BATCHALLOCATETURNIDSREQUEST']._serialized_end=685
+  _globals['_BATCHALLOCATETURNIDSRESPONSE']._serialized_start=687
+  _globals['_BATCHALLOCATETURNIDSRESPONSE']._serialized_end=749
+  _globals['_CLAIMTURNIDREQUEST']._serialized_start=752
+  _globals['_CLAIMTURNIDREQUEST']._serialized_end=927
+  _globals['_CLAIMTURNIDRESPONSE']._serialized_start=929
+  _globals['_CLAIMTURNIDRESPONSE']._serialized_end=981
+  _globals['_GETTURNREQUEST']._serialized_start=983
+  _globals['_GETTURNREQUEST']._serialized_end=1035
+  _globals['_GETTURNRESPONSE']._serialized_start=1037
+  _globals['_GETTURNRESPONSE']._serialized_end=1085
+  _globals['_LISTTURNSREQUEST']._serialized_start=1087
+  _globals['_LISTTURNSREQUEST']._serialized_end=1163
+  _globals['_LISTTURNSRESPONSE']._serialized_start=1165
+  _globals['_LISTTURNSRESPONSE']._serialized_end=1241
+  _globals['_THREAD']._serialized_start=1244
+  _globals['_THREAD']._serialized_end=1459
+  _globals['_GETTHREADREQUEST']._serialized_start=1461
+  _globals['_GETTHREADREQUEST']._serialized_end=1498
+  _globals['_GETTHREADRESPONSE']._serialized_start=1500
+  _globals['_GETTHREADRESPONSE']._serialized_end=1554
+  _globals['_WATCHTURNSREQUEST']._serialized_start=1556
+  _globals['_WATCHTURNSREQUEST']._serialized_end=1618
+  _globals['_WATCHTURNSRESPONSE']._serialized_start=1620
+  _globals['_WATCHTURNSRESPONSE']._serialized_end=1691
+  _globals['_ALLOCATEMANYREQUEST']._serialized_start=1693
+  _globals['_ALLOCATEMANYREQUEST']._serialized_end=1758
+  _globals['_ALLOCATEMANYITEM']._serialized_start=1761
+  _globals['_ALLOCATEMANYITEM']._serialized_end=1958
+  _globals['_ALLOCATEMANYRESPONSE']._serialized_start=1960
+  _globals['_ALLOCATEMANYRESPONSE']._serialized_end=2030
+  _globals['_ALLOCATEMANYRESULT']._serialized_start=2032
+  _globals['_ALLOCATEMANYRESULT']._serialized_end=2119
+  _globals['_STATUS']._serialized_start=2121
+  _globals['_STATUS']._serialized_end=2199
+  _globals['_TURNIDSERVICE']._serialized_start=2334
+  _globals['_TURNIDSERVICE']._serialized_end=2987
 # @@protoc_insertion_point(module_scope)

@@ -1,5 +1,6 @@
 import datetime
 
+from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -172,3 +173,43 @@ class WatchTurnsResponse(_message.Message):
     turns: _containers.RepeatedCompositeFieldContainer[Turn]
     caught_up: bool
     def __init__(self, turns: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., caught_up: _Optional[bool] = ...) -> None: ...
+
+class AllocateManyRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[AllocateManyItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[AllocateManyItem, _Mapping]]] = ...) -> None: ...
+
+class AllocateManyItem(_message.Message):
+    __slots__ = ("allocate", "batch_allocate", "claim")
+    ALLOCATE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ALLOCATE_FIELD_NUMBER: _ClassVar[int]
+    CLAIM_FIELD_NUMBER: _ClassVar[int]
+    allocate: AllocateTurnIdRequest
+    batch_allocate: BatchAllocateTurnIdsRequest
+    claim: ClaimTurnIdRequest
+    def __init__(self, allocate: _Optional[_Union[AllocateTurnIdRequest, _Mapping]] = ..., batch_allocate: _Optional[_Union[BatchAllocateTurnIdsRequest, _Mapping]] = ..., claim: _Optional[_Union[ClaimTurnIdRequest, _Mapping]] = ...) -> None: ...
+
+class AllocateManyResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[AllocateManyResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[AllocateManyResult, _Mapping]]] = ...) -> None: ...
+
+class AllocateManyResult(_message.Message):
+    __slots__ = ("turns", "status")
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    turns: _containers.RepeatedCompositeFieldContainer[Turn]
+    status: Status
+    def __init__(self, turns: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., status: _Optional[_Union[Status, _Mapping]] = ...) -> None: ...
+
+class Status(_message.Message):
+    __slots__ = ("code", "message", "details")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    details: _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., details: _Optional[_Iterable[_Union[_any_pb2.Any, _Mapping]]] = ...) -> None: ...

@@ -70,6 +70,11 @@ class TurnIdServiceStub:
                 request_serializer=turnid_dot_v1_dot_turnid__pb2.WatchTurnsRequest.SerializeToString,
                 response_deserializer=turnid_dot_v1_dot_turnid__pb2.WatchTurnsResponse.FromString,
                 _registered_method=True)
+        self.AllocateMany = channel.unary_unary(
+                '/turnid.v1.TurnIdService/AllocateMany',
+                request_serializer=turnid_dot_v1_dot_turnid__pb2.AllocateManyRequest.SerializeToString,
+                response_deserializer=turnid_dot_v1_dot_turnid__pb2.AllocateManyResponse.FromString,
+                _registered_method=True)
 
 
 class TurnIdServiceServicer:
@@ -179,6 +184,46 @@ class TurnIdServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AllocateMany(self, request, context):
+        """AllocateMany carries many independent allocation requests in one call, so
+        a client process with many concurrent callers pays one gRPC call for all
+        of them (the Python client gathers its callers' requests into it). Each
+        item is exactly one AllocateTurnId, BatchAllocateTurnIds or ClaimTurnId
+        request, with that RPC's semantics, limits and errors, unchanged: its own
+        request_id (replayed on a retry), its own expected_last_sequence, its own
+        outcome. Items are independent: one failing does not fail the others, and
+        no order among them is promised (as for concurrent unary calls; items of
+        one thread get sequences in whatever order the service takes them). The
+        service applies the items of a call together (one group commit where the
+        store allows it). Every item runs in the namespace of the call's
+        credentials.
+
+        The response has one result per item, in the order of the items: the
+        item's turns (one for AllocateTurnId and ClaimTurnId, `count` for
+        BatchAllocateTurnIds), or its error as a Status (the google.rpc.Status the
+        unary RPC would have failed with: same code, message, ErrorInfo reason,
+        BadRequest). An item that holds no request fails INVALID_ARGUMENT, reason
+        INVALID_ITEM.
+
+        Limits: at most 1000 items and at most 10000 turns asked for (the sum of
+        the items' counts, 1 for AllocateTurnId and ClaimTurnId; an invalid count
+        adds nothing, its item fails INVALID_COUNT) per call. The request must
+        also fit the server's message limit (64 KiB by default,
+        --max-message-bytes).
+
+        Errors of the whole call (no results then):
+        * INVALID_ARGUMENT, reason TOO_MANY_ITEMS: more than 1000 items, or more
+        than 10000 turns asked for; metadata `items`, `turns`, `max_items`,
+        `max_turns`.
+        * UNAVAILABLE, reason SHUTTING_DOWN; UNAUTHENTICATED; INVALID_ARGUMENT,
+        reason MALFORMED_REQUEST: as for every RPC.
+        A client that gets UNIMPLEMENTED talks to a server older than this RPC
+        and should use the unary RPCs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TurnIdServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -216,6 +261,11 @@ def add_TurnIdServiceServicer_to_server(servicer, server):
                     servicer.WatchTurns,
                     request_deserializer=turnid_dot_v1_dot_turnid__pb2.WatchTurnsRequest.FromString,
                     response_serializer=turnid_dot_v1_dot_turnid__pb2.WatchTurnsResponse.SerializeToString,
+            ),
+            'AllocateMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.AllocateMany,
+                    request_deserializer=turnid_dot_v1_dot_turnid__pb2.AllocateManyRequest.FromString,
+                    response_serializer=turnid_dot_v1_dot_turnid__pb2.AllocateManyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -408,6 +458,33 @@ class TurnIdService:
             '/turnid.v1.TurnIdService/WatchTurns',
             turnid_dot_v1_dot_turnid__pb2.WatchTurnsRequest.SerializeToString,
             turnid_dot_v1_dot_turnid__pb2.WatchTurnsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AllocateMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/turnid.v1.TurnIdService/AllocateMany',
+            turnid_dot_v1_dot_turnid__pb2.AllocateManyRequest.SerializeToString,
+            turnid_dot_v1_dot_turnid__pb2.AllocateManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

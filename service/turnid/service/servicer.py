@@ -35,7 +35,7 @@ from turnid.service.domain import (
     TurnService,
     WatchUpdate,
 )
-from turnid.service.domain.errors import internal_error, shutting_down
+from turnid.service.domain.errors import internal_error, invalid_field, shutting_down
 from turnid.v1 import turnid_pb2
 
 try:
@@ -335,6 +335,104 @@ class TurnIdServicer:
                     await following
             await updates.aclose()
 
+    async def AllocateMany(self, request: Any, namespace: str) -> Any:
+        """Many independent allocations in one call: the items run concurrently through the
+        TurnService (so the store takes them as one group commit), each answered with its
+        turns or its own status; the observers hear of each item as of its unary call."""
+        items = request.items
+        _check_many(items)
+        if len(items) == 1:
+            outcomes = [await self._many_item(items[0], namespace)]
+        else:
+            outcomes = await asyncio.gather(*(self._many_item(item, namespace) for item in items))
+        response = turnid_pb2.AllocateManyResponse()
+        for turns, status in outcomes:
+            result = response.results.add()
+            if status is None:
+                add_turns(result.turns, turns)
+            else:
+                result.status.code = status.code
+                result.status.message = status.message
+                result.status.details.extend(status.details)
+        return response
+
+    async def _many_item(
+        self, item: Any, namespace: str
+    ) -> tuple[list[Turn], status_pb2.Status | None]:
+        call = _Call()
+        which = item.WhichOneof("request")
+        method = _MANY_METHODS.get(which or "", "AllocateMany")
+        try:
+            if which is None:
+                raise invalid_field(
+                    "INVALID_ITEM", "items", "an AllocateMany item must hold one request"
+                )
+            sub = getattr(item, which)
+            call.request_id = sub.request_id
+            call.kind = sub.kind
+            if which == "allocate":
+                turn = await self._turns.allocate(
+                    sub.thread_id,
+                    sub.kind,
+                    sub.request_id,
+                    namespace=namespace,
+                    expected_last_sequence=_expected(sub),
+                )
+                return [turn], None
+            if which == "claim":
+                turn = await self._turns.claim(
+                    sub.thread_id,
+                    sub.turn_id,
+                    sub.kind,
+                    sub.request_id,
+                    namespace=namespace,
+                    expected_last_sequence=_expected(sub),
+                )
+                return [turn], None
+            call.count = sub.count
+            turns = await self._turns.allocate_batch(
+                sub.thread_id,
+                sub.kind,
+                sub.count,
+                sub.request_id,
+                namespace=namespace,
+                expected_last_sequence=_expected(sub),
+            )
+            return turns, None
+        except TurnIdError as error:
+            call.failed(error)
+            return [], error_to_status(error)
+        except asyncio.CancelledError:
+            call.code = "CANCELLED"
+            raise
+        except Exception as error:
+            mapped = _unexpected(method, error)
+            call.failed(mapped)
+            return [], error_to_status(mapped)
+        finally:
+            self._observe_item(call, method, namespace)
+
+    def _observe_item(self, call: _Call, method: str, namespace: str) -> None:
+        if not self.observers:
+            return
+        record = CallRecord(
+            method,
+            call.code,
+            call.reason,
+            call.request_id,
+            namespace,
+            time.perf_counter() - call.started,
+            call.correlation_id,
+            None,  # the behavior has no ServicerContext: an item's peer reads as ""
+            call.kind,
+            call.count,
+        )
+        for observer in self.observers:
+            try:
+                observer(record)
+            except Exception:  # an observer must never fail the call
+                log.exception("call observer failed")
+
     # --- the wrapper every RPC runs in --------------------------------------------------------
 
     def _finish(self, call: _Call, method: str, namespace: str, context: Any) -> None:
@@ -427,6 +525,41 @@ class TurnIdServicer:
                 self._finish(call, method, namespace, context)
 
         return handle
+
+
+#: AllocateMany's limits (documented in the proto): items per call, and turns asked for.
+MAX_MANY_ITEMS = 1000
+MAX_MANY_TURNS = 10_000
+_MANY_METHODS = {
+    "allocate": "AllocateTurnId",
+    "batch_allocate": "BatchAllocateTurnIds",
+    "claim": "ClaimTurnId",
+}
+
+
+def _check_many(items: Any) -> None:
+    """TOO_MANY_ITEMS beyond the limits; an invalid count asks for nothing (its item fails)."""
+    turns = 0
+    for item in items:
+        if item.HasField("batch_allocate"):
+            count = item.batch_allocate.count
+            turns += count if 0 < count <= 1000 else 0
+        else:
+            turns += 1
+    if len(items) > MAX_MANY_ITEMS or turns > MAX_MANY_TURNS:
+        message = (
+            f"an AllocateMany call holds at most {MAX_MANY_ITEMS} items and "
+            f"{MAX_MANY_TURNS} turns; this one holds {len(items)} items, {turns} turns"
+        )
+        raise invalid_field(
+            "TOO_MANY_ITEMS",
+            "items",
+            message,
+            items=str(len(items)),
+            turns=str(turns),
+            max_items=str(MAX_MANY_ITEMS),
+            max_turns=str(MAX_MANY_TURNS),
+        )
 
 
 def _expected(request: Any) -> int | None:
