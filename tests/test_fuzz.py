@@ -199,7 +199,39 @@ def field_values(field: FieldDescriptor) -> st.SearchStrategy[Any]:
         return integers(INT32, [0, 1, -1, 5, 100, 1000, 1001])
     if field.type == FieldDescriptor.TYPE_INT64:
         return integers(INT64, [0, 1, -1, 2, 2**31, 2**53 + 1])
+    if field.type == FieldDescriptor.TYPE_MESSAGE:  # AllocateMany's items: requests in requests
+        inner = nested(getattr(pb, field.message_type.name))
+        return st.lists(inner, max_size=5) if field.is_repeated else inner
     raise AssertionError(f"the fuzz does not know field type {field.type} ({field.full_name})")
+
+
+def nested(message_type: Any) -> st.SearchStrategy[Any]:
+    """A message of `message_type` with hostile field values; for a oneof, one member or none."""
+    descriptor = message_type.DESCRIPTOR
+    # Real oneofs only: proto3 `optional` makes a synthetic one ("_name") per optional field.
+    oneofs = [oneof for oneof in descriptor.oneofs if not oneof.name.startswith("_")]
+    members = {f.name for oneof in oneofs for f in oneof.fields}
+    plain = {
+        f.name: (st.none() | field_values(f)) if f.has_presence else field_values(f)
+        for f in descriptor.fields
+        if f.name not in members
+    }
+    chosen = st.sampled_from([None, *sorted(members)]) if members else st.none()
+
+    def build(values: dict[str, Any], member: str | None) -> Any:
+        kept = {k: v for k, v in values.items() if v is not None}
+        if member is not None:
+            kept[member] = getattr(pb, descriptor.fields_by_name[member].message_type.name)()
+        return message_type(**kept)
+
+    def fill(message: Any) -> st.SearchStrategy[Any]:
+        member = message.WhichOneof(oneofs[0].name) if oneofs else None
+        if member is None:
+            return st.just(message)
+        inner_type = getattr(pb, descriptor.fields_by_name[member].message_type.name)
+        return nested(inner_type).map(lambda inner: message_type(**{member: inner}))
+
+    return st.builds(build, st.fixed_dictionaries(plain), chosen).flatmap(fill)
 
 
 def messages(method: Any) -> st.SearchStrategy[bytes]:

@@ -57,7 +57,8 @@ MALFORMED = {
 
 def _request(method: Any) -> bytes:
     message = getattr(turnid_pb2, method.input_type.name)
-    fields = {"thread_id": "t"}
+    # A request the service would accept, so only the credentials can refuse it.
+    fields = {"thread_id": "t"} if "thread_id" in message.DESCRIPTOR.fields_by_name else {}
     return bytes(message(**fields).SerializeToString())
 
 
