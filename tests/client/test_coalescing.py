@@ -39,6 +39,7 @@ from turnid.client import (
     TurnIdError,
     TurnKind,
 )
+from turnid.client._coalesce import FOLLOW_MIN
 from turnid.service.config import ServerConfig
 from turnid.service.domain import TurnService
 from turnid.service.domain.errors import store_unavailable
@@ -303,7 +304,7 @@ async def test_async_a_lone_caller_sends_at_once_unary(
         assert counter.methods == {"AllocateTurnId": 1, "BatchAllocateTurnIds": 1, "ClaimTurnId": 1}
 
 
-async def test_async_32_tasks_share_two_calls_each_with_its_own_outcome(
+async def test_async_32_tasks_share_three_calls_each_with_its_own_outcome(
     server: TurnIdServer, thread_id: str
 ) -> None:
     counter = AioCounter()
@@ -318,8 +319,9 @@ async def test_async_32_tasks_share_two_calls_each_with_its_own_outcome(
         for (_, _, check), outcome in zip(calls, outcomes, strict=True):
             check(outcome)
         check_own_turns(outcomes)
-        # The first goes at once, alone; the 31 that came while it was in flight go together.
-        assert counter.methods == {"AllocateTurnId": 1, "AllocateMany": 1}
+        # The first goes at once, alone; of the 31 that come while it is in flight, the first
+        # FOLLOW_MIN go in a second call, the rest when a call ends.
+        assert counter.methods == {"AllocateTurnId": 1, "AllocateMany": 2}
 
 
 async def test_async_coalesced_allocations_number_each_thread_without_gaps(
@@ -334,7 +336,7 @@ async def test_async_coalesced_allocations_number_each_thread_without_gaps(
                     for i in range(N)
                 )
             )
-        assert counter.methods == {"AllocateTurnId": 3, "AllocateMany": 3}
+        assert counter.methods == {"AllocateTurnId": 3, "AllocateMany": 6}
         for thread in (f"{thread_id}-{i}" for i in range(4)):
             everything = [t async for t in client.list_turns(thread)]
             assert [t.sequence for t in everything] == list(range(1, 3 * N // 4 + 1))
@@ -523,10 +525,13 @@ async def test_async_falls_back_to_unary_for_good_on_unimplemented(
             *(client.user_input(f"{thread_id}-{i}", request_id=f"r-{i}") for i in range(N))
         )
         assert [t.request_id for t in turns] == [f"r-{i}" for i in range(N)]
-        assert counter.methods == {"AllocateTurnId": N, "AllocateMany": 1}
+        # Every write went unary in the end; one or two AllocateMany calls (the second may
+        # leave before the first's UNIMPLEMENTED comes back) learned that the server has none.
+        many = counter.methods["AllocateMany"]
+        assert counter.methods == {"AllocateTurnId": N, "AllocateMany": many} and many in (1, 2)
         assert client._coalescer is not None and client._coalescer.unimplemented
         await asyncio.gather(*(client.user_input(f"{thread_id}-{i}") for i in range(N)))
-        assert counter.methods == {"AllocateTurnId": 2 * N, "AllocateMany": 1}
+        assert counter.methods == {"AllocateTurnId": 2 * N, "AllocateMany": many}
 
 
 async def test_async_coalesce_false_sends_every_write_unary(
@@ -585,7 +590,7 @@ def test_sync_a_lone_caller_sends_at_once_unary(
     assert counter.methods == {"AllocateTurnId": 1, "BatchAllocateTurnIds": 1, "ClaimTurnId": 1}
 
 
-def test_sync_32_threads_share_two_calls_each_with_its_own_outcome(
+def test_sync_32_threads_share_a_few_calls_each_with_its_own_outcome(
     threaded_server: TurnIdServer, thread_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gate = Gate(monkeypatch)
@@ -610,8 +615,10 @@ def test_sync_32_threads_share_two_calls_each_with_its_own_outcome(
         for (_, _, check), outcome in zip(calls, outcomes, strict=True):
             check(outcome)
         check_own_turns(outcomes)
-    assert sum(counter.methods.values()) == 2
-    assert counter.methods["AllocateMany"] == 1
+    # One unary call (held until the rest queued), then a few calls for the other 31: an
+    # AllocateMany at FOLLOW_MIN queued, the rest when a call ends (one alone goes unary).
+    assert counter.methods["AllocateMany"] >= 1
+    assert sum(counter.methods.values()) <= 8, counter.methods
 
 
 def test_sync_many_threads_use_far_fewer_calls_than_allocations(
@@ -675,7 +682,7 @@ def test_sync_falls_back_to_unary_for_good_on_unimplemented(
         original = client._coalescer._stub.AllocateTurnId  # type: ignore[union-attr]
 
         class Held:
-            """The first unary call waits until the other writes have queued."""
+            """The first unary call waits until enough writes queued for an AllocateMany."""
 
             def __init__(self) -> None:
                 self.first = True
@@ -684,7 +691,7 @@ def test_sync_falls_back_to_unary_for_good_on_unimplemented(
                 if self.first:
                     self.first = False
                     hold.set()
-                    queue.wait_for(N - 1)
+                    queue.wait_for(FOLLOW_MIN)
                 return original(*args, **kwargs)
 
             def future(self, *args: Any, **kwargs: Any) -> Any:
@@ -699,10 +706,11 @@ def test_sync_falls_back_to_unary_for_good_on_unimplemented(
         )
         assert hold.is_set()
         assert [o.request_id for o in outcomes] == [f"r-{i}" for i in range(N)]
-        assert counter.methods == {"AllocateTurnId": N, "AllocateMany": 1}
+        many = counter.methods["AllocateMany"]  # a second may leave before UNIMPLEMENTED is back
+        assert counter.methods == {"AllocateTurnId": N, "AllocateMany": many} and many in (1, 2)
         assert client._coalescer is not None and client._coalescer.unimplemented
         run_threads([lambda i=i: client.user_input(f"{thread_id}-{i}") for i in range(8)])
-        assert counter.methods == {"AllocateTurnId": N + 8, "AllocateMany": 1}
+        assert counter.methods == {"AllocateTurnId": N + 8, "AllocateMany": many}
 
 
 class _StubWith:
