@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import inspect
 import multiprocessing
 import socket
-import subprocess
 from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -15,8 +13,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from turnid.service import server as server_module
-from turnid.service import workers as workers_module
 from turnid.service.config import ServerConfig
 from turnid.service.metrics import Metrics, WorkersMetrics
 from turnid.service.server import TurnIdServer
@@ -24,7 +20,7 @@ from turnid.service.servicer import CallRecord
 from turnid.v1 import turnid_pb2 as pb
 from turnid.v1 import turnid_pb2_grpc as pb_grpc
 
-from ..e2e.serve_process import ServeProcess, serve_command
+from ..e2e.serve_process import ServeProcess
 from .helpers import scrape, value
 
 REALTIME = pb.TURN_KIND_REALTIME_DELEGATION
@@ -285,22 +281,9 @@ async def test_workers_report_one_coherent_set() -> None:
 # --- `turnid serve --metrics-listen` (once cli.py has the flag) -----------------------------
 
 
-def _serve_has_metrics(workers: int) -> bool:
-    """Whether `turnid serve` has the flag and server.py (workers.py) uses this module."""
-    help_text = subprocess.run(
-        [*serve_command("--help")], capture_output=True, text=True, check=False
-    ).stdout
-    wired = "turnid.service.metrics" in inspect.getsource(server_module)
-    if workers > 1:
-        wired = wired and "WorkersMetrics" in inspect.getsource(workers_module)
-    return "--metrics-listen" in help_text and wired
-
-
 @pytest.mark.e2e
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_turnid_serve_metrics_listen(tmp_path: Path, thread_id: str, workers: int) -> None:
-    if not _serve_has_metrics(workers):
-        pytest.skip("turnid serve does not serve turnid.service.metrics yet (wiring pending)")
     database = f"sqlite://{tmp_path / 'turnid.db'}"
     with ServeProcess(
         database, "--metrics-listen", "127.0.0.1:0", "--workers", str(workers)

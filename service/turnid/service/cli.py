@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 from turnid.client.cli import add_client_commands, run_client_command
 from turnid.service import logs
+from turnid.service.admin import add_admin_commands
+from turnid.service.auth import add_token_commands
 from turnid.service.config import (
     SETTINGS,
     ConfigError,
@@ -56,18 +58,8 @@ def _parser() -> argparse.ArgumentParser:
         help="sqlite:///path/to/file.db or postgresql://... (env TURNID_DATABASE; "
         f"default {default_database_url()})",
     )
-    try:
-        from turnid.service.auth import add_token_commands
-    except ImportError:  # pragma: no cover - auth.py lands with issue 10
-        pass
-    else:
-        add_token_commands(commands)  # token create
-    try:
-        from turnid.service.admin import add_admin_commands
-    except ImportError:  # pragma: no cover - admin.py lands with issue 12's operations part
-        pass
-    else:
-        add_admin_commands(commands)  # backup, check, stats
+    add_token_commands(commands)  # token create
+    add_admin_commands(commands)  # backup, check, stats
     add_client_commands(commands)  # allocate, claim, get, list, parse
     return parser
 
