@@ -9,7 +9,8 @@ takes everything queued (within `AllocateMany`'s limits) in one AllocateMany, wh
 come back in item order, each its turns or its own `google.rpc.Status`. The next call leaves
 when a call ends, or at once when FOLLOW_MIN writes have queued and fewer than MAX_IN_FLIGHT
 calls are in flight (so that, under load, the client decodes one answer while the server
-works on the next call). A call of one write is that write's unary call.
+works on the next call), or when the oldest queued write has waited MAX_HOLD (so one slow call
+never holds up the others). A call of one write is that write's unary call.
 
 Each item keeps the semantics of its own unary call: the plan's request (its `request_id`, its
 `expected_last_sequence`), its own deadline (the AllocateMany deadline is the latest of its
@@ -57,6 +58,11 @@ MAX_IN_FLIGHT = 2
 #: 16 here, ~4.4x; fewer (4, 8) split the callers into small calls, more (20, 24) leave one
 #: group waiting behind the other.
 FOLLOW_MIN = 16
+#: The longest a queued write waits for a call in flight to end before it goes anyway, in a
+#: call of its own (with whatever queued beside it), whatever MAX_IN_FLIGHT and FOLLOW_MIN say:
+#: a slow call (a thread's lock held, a store outage) must not hold up writes queued behind it.
+#: Under load a call ends well within this, so it rarely fires.
+MAX_HOLD = 0.010
 
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 _DETAILS_KEY = "grpc-status-details-bin"
@@ -292,8 +298,19 @@ class SyncCoalescer:
         return batch
 
     def _wait(self, item: _SyncItem) -> Any:
-        remaining = item.deadline - time.monotonic()
-        if not (remaining > 0 and item.waiter.acquire(timeout=remaining)):
+        hold = min(MAX_HOLD, item.deadline - time.monotonic())
+        if not (hold > 0 and item.waiter.acquire(timeout=hold)):
+            # Held MAX_HOLD behind calls that have not ended: go now, with what queued.
+            with self._lock:
+                held = item.state == _QUEUED and not self._closed and not self.unimplemented
+                batch = self._take_locked() if held else None
+            if batch:
+                self._send(batch)
+            remaining = item.deadline - time.monotonic()
+            resolved = remaining > 0 and item.waiter.acquire(timeout=remaining)
+        else:
+            resolved = True
+        if not resolved:
             with self._lock:
                 if not item.waiter.acquire(blocking=False):  # not resolved meanwhile
                     item.state = _ABANDONED
@@ -396,11 +413,12 @@ def _decoded(plan: CallPlan[Any], answer: Any, *, many: bool) -> tuple[Any, Base
 
 
 class _AsyncItem(Item, Generic[_T]):
-    __slots__ = ("future",)
+    __slots__ = ("future", "queued")
 
     def __init__(self, plan: CallPlan[_T], timeout: float, future: asyncio.Future[_T]) -> None:
         super().__init__(plan, timeout)
         self.future = future
+        self.queued = True  # not yet taken into a call
 
 
 def _live(item: _AsyncItem[Any]) -> bool:
@@ -449,10 +467,13 @@ class AsyncCoalescer:
         self._queue.append(item)
         timer = self._loop.call_later(timeout, _expire, item)
         self._pump(ended=False)
+        hold = self._loop.call_later(MAX_HOLD, self._release, item) if item.queued else None
         try:
             return await future
         finally:
             timer.cancel()
+            if hold is not None:
+                hold.cancel()
 
     def close(self) -> None:
         """Fail the queued writes (closing the channel ends the calls in flight)."""
@@ -461,6 +482,21 @@ class AsyncCoalescer:
             item = self._queue.popleft()
             if not item.future.done():
                 item.future.set_exception(_closed_error())
+
+    def _release(self, item: _AsyncItem[Any]) -> None:
+        """`item` has waited MAX_HOLD behind calls that have not ended: send what queued."""
+        if item.queued and not item.future.done() and not self._closed:
+            self._start(take(self._queue, _live))
+
+    def _start(self, batch: list[_AsyncItem[Any]]) -> None:
+        if not batch:
+            return
+        for queued in batch:
+            queued.queued = False
+        self._in_flight += 1
+        task = self._loop.create_task(self._send(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _pump(self, *, ended: bool = True) -> None:
         """Start calls for what queued: after a call `ended`, whatever queued; after a write
@@ -478,10 +514,7 @@ class AsyncCoalescer:
             batch = take(self._queue, _live)
             if not batch:
                 return
-            self._in_flight += 1
-            task = self._loop.create_task(self._send(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._start(batch)
 
     async def _send(self, batch: list[_AsyncItem[Any]]) -> None:
         try:
