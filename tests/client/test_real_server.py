@@ -192,3 +192,32 @@ def test_health_method(turnid_client: TurnIdClient) -> None:
     assert turnid_client.check_health("turnid.v1.TurnIdService") == "SERVING"
     with pytest.raises(NotFound):
         turnid_client.check_health("no.such.Service")
+
+
+def test_sync_wait_caught_up_with_a_history_longer_than_the_read_ahead(
+    turnid_client: TurnIdClient, thread_id: str
+) -> None:
+    from turnid.client.sync import WATCH_BUFFER
+
+    # More than the read-ahead holds, in two replay messages (1,000 turns, then 524 and
+    # caught_up): the second cannot fit until the caller reads, which it does only after
+    # wait_caught_up().
+    total = WATCH_BUFFER + 500
+    turnid_client.allocate_batch(thread_id, TurnKind.USER_INPUT, 1000)
+    turnid_client.allocate_batch(thread_id, TurnKind.USER_INPUT, total - 1000)
+    with turnid_client.watch(thread_id) as watch:
+        assert watch.wait_caught_up(WAIT), "caught_up must not wait for room in the buffer"
+        seen = [next(iter(watch)).sequence for _ in range(total)]
+    assert seen == list(range(1, total + 1))
+
+
+async def test_async_wait_caught_up_with_a_history_longer_than_the_read_ahead(
+    turnid_async_client: AsyncTurnIdClient, thread_id: str
+) -> None:
+    client = turnid_async_client
+    await client.allocate_batch(thread_id, TurnKind.USER_INPUT, 1000)
+    await client.allocate_batch(thread_id, TurnKind.USER_INPUT, 600)
+    async with client.watch(thread_id) as watch:
+        assert await watch.wait_caught_up(WAIT), "caught_up must not wait for room in the buffer"
+        seen = [(await asyncio.wait_for(anext(watch), WAIT)).sequence for _ in range(1600)]
+    assert seen == list(range(1, 1601))

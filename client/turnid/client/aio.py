@@ -406,11 +406,14 @@ class AsyncTurnWatch:
                 try:
                     async for response in call:
                         turns, newly_caught_up = self._cursor.accept(response)
-                        await self._deliver(turns)
+                        # Caught up once the message is in hand, before its turns wait for
+                        # room in the read-ahead buffer: a replay longer than the buffer must
+                        # not keep `wait_caught_up()` from returning.
                         if newly_caught_up:
                             self._caught_up.set()
                             if self._on_caught_up is not None:
                                 await _maybe_await(self._on_caught_up())
+                        await self._deliver(turns)
                     retry = self._cursor.retry_after_end()
                 except StreamGap as gap:
                     call.cancel()

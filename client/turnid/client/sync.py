@@ -396,10 +396,12 @@ class TurnWatch:
                     for response in call:
                         with self._changed:
                             turns, newly_caught_up = self._cursor.accept(response)
-                        if not self._deliver(turns):
-                            return
+                        # Caught up once the message is in hand, before its turns wait for
+                        # room in the read-ahead buffer (see the async client).
                         if newly_caught_up:
                             self._mark_caught_up()
+                        if not self._deliver(turns):
+                            return
                     retry = self._cursor.retry_after_end()
                 except StreamGap as gap:
                     call.cancel()
