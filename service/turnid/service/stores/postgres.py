@@ -1,34 +1,39 @@
 """The PostgreSQL store: any number of stateless `turnid serve` replicas on one database.
 
-Allocation (invariants 1, 2, 4, 5, 8): one READ COMMITTED transaction, two round trips, the
-statements of each sent together in a psycopg pipeline (explicit BEGIN/COMMIT: psycopg's
-transaction() syncs the pipeline at every step):
+Allocation (invariants 1, 2, 4, 5, 8): allocations queue up in the store, per thread, and go to
+the database in batches: one READ COMMITTED transaction for every thread queued when the batch
+starts (at most _BATCH_THREADS threads, about _BATCH_TURNS turns), in two round trips, each one
+simple query (statements joined, parameters bound client-side; each statement takes its rows as
+one JSON array, which psycopg dumps in C):
 
-1. `BEGIN`; `INSERT INTO threads ... ON CONFLICT DO NOTHING` (a new thread gets its row);
-   `SELECT ... FOR UPDATE` of the thread row, which waits for and then holds the thread's lock
-   and returns its state as the previous holder committed it; then, in new statements (so new
-   snapshots, taken after the lock was granted, that see whatever the previous holder
-   committed), the request_ids' records and whether the thread has the claimed ids.
-2. `domain.allocation.decide()` in Python, then the replayed turns' read, one write statement
-   (CTEs: the thread's new state, the request rows, the turns) and `COMMIT`.
+1. `BEGIN`; one upsert of the threads' rows in a fixed order, (namespace, thread_id) in byte
+   order, that inserts a new thread's row or waits for and locks an existing one and returns its
+   state as the previous holder committed it; then, in new statements (new snapshots, taken
+   after the locks were granted), the request_ids' records and which claimed ids are taken.
+2. `domain.allocation.decide()` in Python, each thread's allocations one after the other
+   against the state the previous one left; then the replayed turns' read, one write statement
+   (CTEs: every thread's new state, the request rows, the turns) and `COMMIT`.
 
-Allocations of one thread that queue up in one store go in one such transaction (a group),
-decided one after the other against the state the previous one left: a hot thread costs one
-lock wait per replica, not one per caller, and one commit per group. A refusal refuses only its
-allocation. The thread row lock serializes groups across every replica (other threads proceed
-in parallel), and every id is minted under it from the thread's `last_minted`, so UUID order is
-history order whatever the replicas' clocks. A minted id that collides with a claimed one
-(astronomically rare) fails the turns' unique key: the transaction rolls back and is retried
-with that id reported taken. Serialization failures and deadlocks (engines running
-SERIALIZABLE) are retried too.
+Every replica locks in the same order, so batches over overlapping threads never deadlock
+(deadlocks and serialization failures are retried all the same). A store runs one batch at a
+time, so what queues behind it goes in the next (the most allocations per commit when the
+database answers quickly), and more, up to `max_batches`, only while those in flight have all
+run longer than _STALL_S (a slow database, a lock wait). A thread is in one batch at a time,
+so its allocations stay in order. A refusal refuses only its allocation; a batch that times out
+waiting for a lock (a stalled replica holds one thread) is retried thread by thread, so only
+that thread's allocations fail. Every id is minted under the thread's lock from its
+`last_minted`, so UUID order is history order whatever the replicas' clocks. A minted id that
+collides with a claimed one (astronomically rare) fails the turns' unique key: the batch rolls
+back and is retried with the ids it minted checked, so the colliding one is found taken and
+minted again; the other threads' allocations go through in the retry.
 
 Watch (invariant 11): after each commit the store wakes its own watchers and queues the thread
 for a background notifier that sends the queued threads in one `pg_notify` statement (one
 transaction per batch, outside the allocation: NOTIFY takes a cluster-wide lock at commit that
-would serialize every allocation's commit). One listening connection per store turns other
-replicas' notifications into `changes.publish`; after it (re)connects it wakes every watcher,
-since notifications may have been lost. Notifications are only wake-ups: watchers re-read
-`sequence > last`, and re-read every `fallback_interval` anyway.
+would serialize every allocation's commit), as many threads in a payload as fit. One listening
+connection per store turns other replicas' notifications into `changes.publish`; after it
+(re)connects it wakes every watcher, since notifications may have been lost. Notifications are
+only wake-ups: watchers re-read `sequence > last`, and re-read every `fallback_interval` anyway.
 
 Faults (invariants 7, 9): every server-side wait is bounded below the client's 10 s deadline:
 pool acquire, `statement_timeout`, `lock_timeout` and `idle_in_transaction_session_timeout` on
@@ -55,6 +60,7 @@ import re
 import select
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -104,47 +110,80 @@ _LISTEN_BACKOFF_S = (0.05, 2.0)
 # A thread's allocations committed in one transaction: at most this many, or this many turns.
 _GROUP_MAX = 256
 _GROUP_TURNS = 4096
+# A batch (one transaction) holds at most this many threads' locks, or about this many turns;
+# A store has one batch in flight, and more (up to max_batches) only while those in flight all
+# have run for longer than _STALL_S.
+_BATCH_THREADS = 64
+_BATCH_TURNS = 4096
+_MAX_BATCHES = 4
+_STALL_S = 0.005
 
 _TURN_COLUMNS = "thread_id, turn_id, kind, sequence, create_time_us, request_id, claimed"
 _STATE_COLUMNS = (
     "next_sequence, next_compaction, last_minted, max_claimed, create_time_us, update_time_us"
 )
-_NEW_THREAD = (
-    f"INSERT INTO threads (namespace, thread_id, {_STATE_COLUMNS}) "
-    "VALUES (%s, %s, 1, 0, '', '', 0, 0) ON CONFLICT DO NOTHING"
-)
-_LOCK_THREAD = (
-    f"SELECT {_STATE_COLUMNS} FROM threads WHERE namespace = %s AND thread_id = %s FOR UPDATE"
-)
-_SEEN = (
-    "SELECT request_id, kind, count, claimed_turn_id, first_sequence FROM requests "
-    "WHERE namespace = %s AND thread_id = %s AND request_id = ANY(%s)"
-)
-_TAKEN = "SELECT turn_id FROM turns WHERE namespace = %s AND thread_id = %s AND turn_id = ANY(%s)"
-_REPLAYED = (
-    f"SELECT {_TURN_COLUMNS} FROM turns WHERE namespace = %s AND thread_id = %s "
-    "AND sequence = ANY(%s)"
-)
-# The group's writes in one statement: the thread's final state, its request rows and turns.
-_WRITE = """
+# Every statement of a batch takes its rows (one a thread, request or turn) as one JSON array of
+# arrays: psycopg dumps a str in C, where it dumps lists element by element in Python (about
+# 30 times as long for a batch's writes). Thread rows are created and locked in one fixed
+# order, (namespace, thread_id) in byte order, whatever order the allocations arrived in, so
+# replicas locking overlapping sets of threads never deadlock. One upsert does both: it takes
+# its rows in that order, inserts a new thread's row or locks (waits for) an existing one, and
+# returns the state as the lock's previous holder committed it.
+_LOCK_THREADS = f"""
+INSERT INTO threads AS th (namespace, thread_id, {_STATE_COLUMNS})
+SELECT k->>0, k->>1, 1, 0, '', '', 0, 0 FROM json_array_elements(%s::json) AS k
+ORDER BY (k->>0) COLLATE "C", (k->>1) COLLATE "C"
+ON CONFLICT (namespace, thread_id) DO UPDATE SET next_sequence = th.next_sequence
+RETURNING th.namespace, th.thread_id, {_STATE_COLUMNS}
+"""
+
+
+def _rows(alias: str) -> str:
+    """The rows of a JSON parameter, `alias.v` each, followed by their count as a LIMIT: the
+    planner then knows how few they are and looks each one up in the index (it assumes 100
+    rows of a function otherwise, and may hash-join a whole table)."""
+    return f"(SELECT value AS v FROM json_array_elements(%s::json) LIMIT %s) AS {alias}"
+
+
+# These run after the locks were granted, in new snapshots: they see what the previous holders
+# of the threads' locks committed.
+_SEEN = f"""
+SELECT r.namespace, r.thread_id, r.request_id, r.kind, r.count, r.claimed_turn_id,
+       r.first_sequence
+FROM {_rows("k")}
+JOIN requests r ON r.namespace = k.v->>0 AND r.thread_id = k.v->>1 AND r.request_id = k.v->>2
+"""
+_TAKEN = f"""
+SELECT t.namespace, t.thread_id, t.turn_id
+FROM {_rows("k")}
+JOIN turns t ON t.namespace = k.v->>0 AND t.thread_id = k.v->>1 AND t.turn_id = k.v->>2
+"""
+_REPLAYED = f"""
+SELECT t.namespace, {", ".join(f"t.{c.strip()}" for c in _TURN_COLUMNS.split(","))}
+FROM {_rows("k")}
+JOIN turns t ON t.namespace = k.v->>0 AND t.thread_id = k.v->>1
+            AND t.sequence = (k.v->>2)::bigint
+"""
+# The batch's writes in one statement: every thread's new state, the request rows, the turns.
+_WRITE = f"""
 WITH thread AS (
-    UPDATE threads SET
-        next_sequence = %(next_sequence)s, next_compaction = %(next_compaction)s,
-        last_minted = %(last_minted)s, max_claimed = %(max_claimed)s,
-        create_time_us = %(create_time_us)s, update_time_us = %(update_time_us)s
-    WHERE namespace = %(namespace)s AND thread_id = %(thread_id)s
+    UPDATE threads AS th SET
+        next_sequence = (s.v->>2)::bigint, next_compaction = (s.v->>3)::bigint,
+        last_minted = s.v->>4, max_claimed = s.v->>5,
+        create_time_us = (s.v->>6)::bigint, update_time_us = (s.v->>7)::bigint
+    FROM {_rows("s")}
+    WHERE th.namespace = s.v->>0 AND th.thread_id = s.v->>1
 ), request AS (
     INSERT INTO requests
         (namespace, thread_id, request_id, kind, count, claimed_turn_id, first_sequence)
-    SELECT %(namespace)s, %(thread_id)s, r.*
-    FROM unnest(%(r_ids)s::text[], %(r_kinds)s::smallint[], %(r_counts)s::integer[],
-                %(r_claimed)s::text[], %(r_firsts)s::bigint[]) AS r
+    SELECT r->>0, r->>1, r->>2, (r->>3)::smallint, (r->>4)::integer, r->>5, (r->>6)::bigint
+    FROM json_array_elements(%s::json) AS r
 )
 INSERT INTO turns
     (namespace, thread_id, sequence, turn_id, kind, request_id, claimed, create_time_us)
-SELECT %(namespace)s, %(thread_id)s, t.*
-FROM unnest(%(t_sequences)s::bigint[], %(t_ids)s::text[], %(t_kinds)s::smallint[],
-            %(t_requests)s::text[], %(t_claimed)s::boolean[], %(t_times)s::bigint[]) AS t
+SELECT t->>0, t->>1, (t->>2)::bigint, t->>3, (t->>4)::smallint, t->>5, (t->>6)::boolean,
+       (t->>7)::bigint
+FROM json_array_elements(%s::json) AS t
 """
 _TURN_ID_KEY = "turns_turn_id_key"
 _GET_THREAD = f"""
@@ -399,40 +438,105 @@ def _decide_group(
     return decided
 
 
-def _write_params(
-    key: ThreadKey,
-    state: ThreadState,
-    turns: list[Turn],
-    records: list[tuple[str, RequestRecord]],
-) -> dict[str, Any]:
-    return {
-        "namespace": key[0],
-        "thread_id": key[1],
-        "next_sequence": state.next_sequence,
-        "next_compaction": state.next_compaction,
-        "last_minted": state.last_minted,
-        "max_claimed": state.max_claimed,
-        "create_time_us": state.create_time_us,
-        "update_time_us": state.update_time_us,
-        "r_ids": [rid for rid, _ in records],
-        "r_kinds": [r.kind for _, r in records],
-        "r_counts": [r.count for _, r in records],
-        "r_claimed": [r.claimed_turn_id for _, r in records],
-        "r_firsts": [r.first_sequence for _, r in records],
-        "t_sequences": [t.sequence for t in turns],
-        "t_ids": [t.turn_id for t in turns],
-        "t_kinds": [int(t.kind) for t in turns],
-        "t_requests": [t.request_id for t in turns],
-        "t_claimed": [t.claimed for t in turns],
-        "t_times": [t.create_time_us for t in turns],
-    }
+def _json(rows: list[Any]) -> str:
+    return json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
 
 
-def _payload(replica: str, key: ThreadKey) -> str:
-    text = json.dumps([replica, *key], ensure_ascii=False, separators=(",", ":"))
-    if len(text.encode()) > _NOTIFY_PAYLOAD_MAX:
-        return json.dumps([replica])  # too long to name: every watcher re-reads
-    return text
+def _rows_param(rows: list[Any]) -> tuple[str, int]:
+    """The parameters of a _rows() subquery."""
+    return _json(rows), len(rows)
+
+
+def _write_params(decided: dict[ThreadKey, _Decided]) -> tuple[str, int, str, str]:
+    """The rows of _WRITE for the threads of a batch that were granted turns: their states,
+    request records and turns."""
+    states: list[Any] = []
+    requests: list[Any] = []
+    turns: list[Any] = []
+    for (namespace, thread_id), group in decided.items():
+        if not group.turns:
+            continue
+        s = group.state
+        states.append(
+            [
+                namespace,
+                thread_id,
+                s.next_sequence,
+                s.next_compaction,
+                s.last_minted,
+                s.max_claimed,
+                s.create_time_us,
+                s.update_time_us,
+            ]
+        )
+        requests += (
+            [namespace, thread_id, rid, r.kind, r.count, r.claimed_turn_id, r.first_sequence]
+            for rid, r in group.records
+        )
+        turns += (
+            [
+                namespace,
+                thread_id,
+                t.sequence,
+                t.turn_id,
+                int(t.kind),
+                t.request_id,
+                t.claimed,
+                t.create_time_us,
+            ]
+            for t in group.turns
+        )
+    return _json(states), len(states), _json(requests), _json(turns)
+
+
+async def _script(
+    cursor: psycopg.AsyncClientCursor[TupleRow], statements: list[tuple[str, Sequence[Any]]]
+) -> list[list[TupleRow]]:
+    """`statements` in one simple query, so one round trip and one server reply (parameters
+    bound client-side, each a JSON text or a number); the rows of those that return rows, in
+    order. The first that fails ends the script and raises."""
+    await cursor.execute(
+        ";".join(sql for sql, _ in statements), [p for _, ps in statements for p in ps]
+    )
+    results = []
+    while True:
+        result = cursor.pgresult
+        if result is not None and result.status == pq.ExecStatus.TUPLES_OK:
+            results.append(await cursor.fetchall())
+        if not cursor.nextset():
+            return results
+
+
+def _lock_wait(error: TurnIdError) -> bool:
+    """Whether the batch failed waiting for a lock (lock_timeout, or statement_timeout)."""
+    cause = error.__cause__
+    return isinstance(cause, pg_errors.LockNotAvailable | pg_errors.QueryCanceled)
+
+
+def _payloads(replica: str, keys: Sequence[ThreadKey]) -> list[str]:
+    """NOTIFY payloads naming `keys`: `[replica, namespace, thread_id, namespace, thread_id,
+    ...]`, as many threads in each as fit. A key too long to name is sent as `[replica]`
+    (every watcher re-reads); so is everything a replica that reads only `[replica, namespace,
+    thread_id]` does not understand, which makes the packed form safe in a rolling upgrade."""
+    head = _json([replica])[:-1]  # '["replica"'
+    limit = _NOTIFY_PAYLOAD_MAX - len(head.encode()) - 1
+    payloads: list[str] = []
+    parts: list[str] = []
+    size = 0
+    for key in keys:
+        part = _json(list(key))[1:-1]  # '"namespace","thread_id"'
+        length = len(part.encode()) + 1
+        if length > limit:
+            payloads.append(head + "]")
+            continue
+        if size + length > limit:
+            payloads.append(",".join((head, *parts)) + "]")
+            parts, size = [], 0
+        parts.append(part)
+        size += length
+    if parts:
+        payloads.append(",".join((head, *parts)) + "]")
+    return sorted(set(payloads))
 
 
 class PostgresStore:
@@ -450,6 +554,7 @@ class PostgresStore:
         max_attempts: int = 5,
         watch_fallback_s: float = 1.5,
         connect_timeout_s: float = _DEFAULT_CONNECT_TIMEOUT_S,
+        max_batches: int = _MAX_BATCHES,
     ) -> None:
         self.url = url
         self._connect_timeout_s = connect_timeout_s
@@ -471,8 +576,14 @@ class PostgresStore:
         self._pending: set[ThreadKey] = set()
         self._notify_wanted = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._queues: dict[ThreadKey, list[_Queued]] = {}  # allocations waiting, per thread
+        # Allocations waiting, per thread, in the order their threads queued; the threads of
+        # the batches in flight (a thread is in at most one: its allocations stay in order).
+        self._queues: dict[ThreadKey, deque[_Queued]] = {}
+        self._busy: set[ThreadKey] = set()
+        self._max_batches = max(1, max_batches)
         self._drivers: set[asyncio.Task[None]] = set()
+        self._batch_started: dict[asyncio.Task[Any], float] = {}  # driver -> its batch's start
+        self._stall_timer: asyncio.TimerHandle | None = None
         #: Set each time the listener is (re)connected and LISTENing (tests wait on it).
         self.listening = asyncio.Event()
 
@@ -518,6 +629,9 @@ class PostgresStore:
         # Finish the queued allocations (each group's waits are bounded), then stop.
         while self._drivers:
             await asyncio.gather(*self._drivers, return_exceptions=True)
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -569,9 +683,9 @@ class PostgresStore:
 
     # --- writes ------------------------------------------------------------------------------
     #
-    # Allocations of one thread queue up in this store and go to the database in groups: one
-    # transaction, one row lock, one commit for every allocation queued behind the previous
-    # group (so a hot thread costs one waiting connection per replica, not one per caller).
+    # Allocations queue up in this store, per thread, and go to the database in batches: one
+    # transaction, one commit for every thread queued when the batch starts (each thread's
+    # allocations in it decided one after the other), at most `max_batches` in flight.
 
     async def allocate(self, allocation: Allocation) -> list[Turn]:
         if self._closed:
@@ -581,155 +695,227 @@ class PostgresStore:
         queued = _Queued(allocation, asyncio.get_running_loop().create_future())
         queue = self._queues.get(key)
         if queue is None:
-            self._queues[key] = [queued]
-            driver = asyncio.create_task(self._drive(key), name="turnid-pg-thread")
-            self._drivers.add(driver)
-            driver.add_done_callback(self._drivers.discard)
+            self._queues[key] = deque((queued,))
         else:
             queue.append(queued)
+        self._wake()
         return await queued.future
 
-    async def _drive(self, key: ThreadKey) -> None:
-        """Commits the thread's queued allocations, group by group, until none are left."""
-        queue = self._queues[key]
-        try:
-            while queue:
-                group: list[_Queued] = []
-                turns = 0
-                while queue and len(group) < _GROUP_MAX and turns < _GROUP_TURNS:
-                    queued = queue.pop(0)
-                    if queued.future.done():  # the caller gave up
-                        continue
-                    if time.monotonic() - queued.since > self._acquire_timeout_s:
-                        # Waited as long as for a pooled connection: let the caller retry.
-                        queued.future.set_exception(
-                            store_unavailable("postgresql: allocation queued too long")
-                        )
-                        continue
-                    group.append(queued)
-                    turns += queued.allocation.count
-                if group:
-                    await self._commit_group(key, group)
-        finally:
-            if self._queues.get(key) is queue:
-                del self._queues[key]
+    def _wake(self) -> None:
+        """Something is queued: start a batch now if none is in flight; if some are, start
+        another only once they have all run for _STALL_S (a slow database, a lock wait), up
+        to max_batches. One batch at a time gathers the most allocations in each, which is
+        what costs least when the database answers quickly."""
+        if len(self._drivers) >= self._max_batches:
+            return
+        if self._drivers:
+            if len(self._batch_started) < len(self._drivers):
+                return  # a driver about to take a batch takes this too
+            wait = max(self._batch_started.values()) + _STALL_S - time.monotonic()
+            if wait > 0:
+                if self._stall_timer is None:
+                    self._stall_timer = asyncio.get_running_loop().call_later(wait, self._stalled)
+                return
+        # Starts at the next turn of the event loop: what queues up until then joins it.
+        driver = asyncio.create_task(self._drive(), name="turnid-pg-batch")
+        self._drivers.add(driver)
+        driver.add_done_callback(self._drivers.discard)
 
-    async def _commit_group(self, key: ThreadKey, group: list[_Queued]) -> None:
-        suspects: list[str] = []  # ids a rolled-back attempt found taken
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        if any(key not in self._busy for key in self._queues):
+            self._wake()
+
+    async def _drive(self) -> None:
+        """Commits batches of the queued allocations until none is left that no other batch
+        holds the thread of (that batch's driver takes them when it is done)."""
+        driver = asyncio.current_task()
+        assert driver is not None
+        try:
+            while batch := self._take_batch():
+                self._batch_started[driver] = time.monotonic()
+                try:
+                    await self._commit_batch(batch)
+                finally:
+                    del self._batch_started[driver]
+                    self._busy.difference_update(batch)
+        finally:
+            # Now, not in a done callback: until then _wake would count on this driver.
+            self._batch_started.pop(driver, None)
+            self._drivers.discard(driver)
+
+    def _take_batch(self) -> dict[ThreadKey, list[_Queued]]:
+        """Up to _BATCH_THREADS threads' groups (oldest queue first, threads in flight skipped),
+        up to about _BATCH_TURNS turns; each group is a thread's allocations in arrival order."""
+        batch: dict[ThreadKey, list[_Queued]] = {}
+        turns = 0
+        for key in [k for k in self._queues if k not in self._busy]:
+            queue = self._queues[key]
+            group: list[_Queued] = []
+            group_turns = 0
+            while queue and len(group) < _GROUP_MAX and group_turns < _GROUP_TURNS:
+                queued = queue.popleft()
+                if queued.future.done():  # the caller gave up
+                    continue
+                if time.monotonic() - queued.since > self._acquire_timeout_s:
+                    # Waited as long as for a pooled connection: let the caller retry.
+                    queued.future.set_exception(
+                        store_unavailable("postgresql: allocation queued too long")
+                    )
+                    continue
+                group.append(queued)
+                group_turns += queued.allocation.count
+            if not queue:
+                del self._queues[key]
+            if group:
+                batch[key] = group
+                self._busy.add(key)
+                turns += group_turns
+                if len(batch) >= _BATCH_THREADS or turns >= _BATCH_TURNS:
+                    break
+        return batch
+
+    async def _commit_batch(self, batch: dict[ThreadKey, list[_Queued]]) -> None:
+        keys = sorted(batch)  # the lock order (the statements sort the same way)
+        suspects: dict[ThreadKey, set[str]] = {}  # ids a rolled-back attempt found taken
         try:
             outcomes = await self._run(
-                lambda conn: self._group_once(conn, key, group, suspects),
-                # Repeating is safe only where nothing was committed: _group_once says so by
+                lambda conn: self._batch_once(conn, keys, batch, suspects),
+                # Repeating is safe only where nothing was committed: _batch_once says so by
                 # raising _Lost when the connection died before the commit went out.
                 idempotent=False,
             )
         except BaseException as error:
+            if len(keys) > 1 and isinstance(error, TurnIdError) and _lock_wait(error):
+                # One thread's lock is held elsewhere too long (a stalled replica): that must
+                # not fail the others. Each thread again, alone.
+                log.info("PostgreSQL batch of %d threads timed out, one by one", len(keys))
+                await asyncio.gather(*(self._commit_batch({key: batch[key]}) for key in keys))
+                return
             failure = error if isinstance(error, Exception) else store_unavailable("cancelled")
-            for queued in group:
-                if not queued.future.done():
-                    queued.future.set_exception(failure)
+            for group in batch.values():
+                for queued in group:
+                    if not queued.future.done():
+                        queued.future.set_exception(failure)
             if not isinstance(error, Exception):
                 raise
             return
-        for queued, outcome in zip(group, outcomes, strict=True):
-            if queued.future.done():
-                continue
-            if isinstance(outcome, TurnIdError):
-                queued.future.set_exception(outcome)
-            else:
-                queued.future.set_result(outcome)
+        for key, group in batch.items():
+            for queued, outcome in zip(group, outcomes[key], strict=True):
+                if queued.future.done():
+                    continue
+                if isinstance(outcome, TurnIdError):
+                    queued.future.set_exception(outcome)
+                else:
+                    queued.future.set_result(outcome)
 
-    async def _group_once(
-        self, conn: Connection, key: ThreadKey, group: list[_Queued], suspects: list[str]
-    ) -> list[list[Turn] | TurnIdError]:
-        """One transaction for the group, in two round trips. Explicit BEGIN/COMMIT in one
-        pipeline: psycopg's transaction() inside a pipeline syncs at every step (five)."""
-        namespace, thread_id = key
-        allocations = [queued.allocation for queued in group]
-        request_ids = sorted({a.request_id for a in allocations if a.request_id})
-        candidates = [a.claimed_turn_id for a in allocations if a.claimed_turn_id is not None]
-        candidates += suspects
+    async def _batch_once(
+        self,
+        conn: Connection,
+        keys: list[ThreadKey],
+        batch: dict[ThreadKey, list[_Queued]],
+        suspects: dict[ThreadKey, set[str]],
+    ) -> dict[ThreadKey, list[list[Turn] | TurnIdError]]:
+        """One transaction for the batch, in two round trips. Explicit BEGIN/COMMIT in one
+        pipeline: psycopg's transaction() inside a pipeline syncs at every step."""
+        seen_rows: list[list[str]] = []
+        candidate_rows: list[list[str]] = []
+        for key in keys:
+            allocations = [queued.allocation for queued in batch[key]]
+            for rid in sorted({a.request_id for a in allocations if a.request_id}):
+                seen_rows.append([*key, rid])
+            candidates = {a.claimed_turn_id for a in allocations if a.claimed_turn_id is not None}
+            for turn_id in sorted(candidates | suspects.get(key, set())):
+                candidate_rows.append([*key, turn_id])
         started = time.perf_counter()
         commit_sent = False
-        decided: _Decided | None = None
-        replay_cursor = None
+        decided: dict[ThreadKey, _Decided] = {}
         try:
-            async with conn.pipeline() as pipeline:
-                # Round trip 1: lock the thread, then read (new snapshots) what decide needs.
-                await conn.execute("BEGIN")
-                await conn.execute(_NEW_THREAD, key)
-                locked = await conn.execute(_LOCK_THREAD, key)
-                seen_cursor = (
-                    await conn.execute(_SEEN, (namespace, thread_id, request_ids))
-                    if request_ids
-                    else None
-                )
-                taken_cursor = (
-                    await conn.execute(_TAKEN, (namespace, thread_id, candidates))
-                    if candidates
-                    else None
-                )
-                try:
-                    await pipeline.sync()
-                except psycopg.Error:
-                    if not conn.broken:
-                        await conn.execute("ROLLBACK")  # sent as the block exits
-                    raise
-                row = await locked.fetchone()
-                records: dict[str, RequestRecord] = {}
-                if seen_cursor is not None:
-                    for r in await seen_cursor.fetchall():
-                        records[r[0]] = RequestRecord(r[1], r[2], r[3], r[4])
-                taken = {r[0] for r in await taken_cursor.fetchall()} if taken_cursor else set()
-                if row is None:  # the INSERT above guarantees the row
-                    await conn.execute("ROLLBACK")
-                    raise _Retry("thread row vanished")
-                decided = _decide_group(allocations, _state(row), records, taken)
+            cursor = psycopg.AsyncClientCursor(conn)
+            # Round trip 1: lock the threads in key order, then read (new snapshots, that see
+            # what the locks' previous holders committed) what decide needs.
+            first: list[tuple[str, Sequence[Any]]] = [
+                ("BEGIN", ()),
+                (_LOCK_THREADS, (_json(keys),)),
+            ]
+            if seen_rows:
+                first.append((_SEEN, _rows_param(seen_rows)))
+            if candidate_rows:
+                first.append((_TAKEN, _rows_param(candidate_rows)))
+            results = await _script(cursor, first)
+            states = {(r[0], r[1]): _state(r[2:]) for r in results[0]}
+            records: dict[ThreadKey, dict[str, RequestRecord]] = {key: {} for key in keys}
+            for r in results[1] if seen_rows else ():
+                records[r[0], r[1]][r[2]] = RequestRecord(r[3], r[4], r[5], r[6])
+            taken: dict[ThreadKey, set[str]] = {key: set() for key in keys}
+            for r in results[-1] if candidate_rows else ():
+                taken[r[0], r[1]].add(r[2])
+            if len(states) != len(keys):  # the upsert guarantees the rows
+                raise _Retry("thread row vanished")
+            now_us = time.time_ns() // 1000
+            replayed: list[list[Any]] = []
+            for key in keys:
+                allocations = [queued.allocation for queued in batch[key]]
+                group = _decide_group(allocations, states[key], records[key], taken[key], now_us)
+                decided[key] = group
+                replayed += ([*key, sequence] for sequence in group.replayed)
 
-                # Round trip 2 (the block's exit): read what is replayed, write, commit.
-                if decided.replayed:
-                    replay_cursor = await conn.execute(
-                        _REPLAYED, (namespace, thread_id, decided.replayed)
-                    )
-                if decided.turns:
-                    await conn.execute(
-                        _WRITE, _write_params(key, decided.state, decided.turns, decided.records)
-                    )
-                commit_sent = True
-                await conn.execute("COMMIT")
-            by_sequence = (
-                {t.sequence: t for t in map(_turn, await replay_cursor.fetchall())}
-                if replay_cursor is not None
-                else {}
-            )
+            # Round trip 2: read what is replayed, write, commit.
+            second: list[tuple[str, Sequence[Any]]] = []
+            if replayed:
+                second.append((_REPLAYED, _rows_param(replayed)))
+            if any(group.turns for group in decided.values()):
+                second.append((_WRITE, _write_params(decided)))
+            second.append(("COMMIT", ()))
+            commit_sent = True
+            results = await _script(cursor, second)
+            by_sequence: dict[tuple[str, str, int], Turn] = {}
+            for r in results[0] if replayed else ():
+                turn = _turn(r[1:])
+                by_sequence[r[0], turn.thread_id, turn.sequence] = turn
         except BaseException as error:
             if not isinstance(error, Exception):
                 raise  # cancelled: the pool discards a connection left mid-transaction
-            # A failed statement skips the COMMIT queued behind it: end the transaction.
+            # A failed statement skips the rest of its script (and the COMMIT): end the
+            # transaction.
             if not conn.broken and conn.info.transaction_status != pq.TransactionStatus.IDLE:
                 with contextlib.suppress(psycopg.Error):
                     await conn.execute("ROLLBACK")
             if isinstance(error, pg_errors.UniqueViolation):
-                if error.diag.constraint_name == _TURN_ID_KEY and decided is not None:
-                    # A minted id collided with a claimed one: retry with it reported taken.
-                    suspects.extend(turn.turn_id for turn in decided.turns)
+                if error.diag.constraint_name == _TURN_ID_KEY:
+                    # A minted id collided with a claimed one: retry the batch with the ids it
+                    # minted reported as candidates, so the colliding one is found taken.
+                    for key, group in decided.items():
+                        suspects.setdefault(key, set()).update(t.turn_id for t in group.turns)
                 raise _Retry(_one_line(error)) from error
             if isinstance(error, psycopg.OperationalError) and conn.broken and not commit_sent:
                 raise _Lost(_one_line(error)) from error
             raise
-        if decided.turns:
+        granted = sum(group.granted for group in decided.values())
+        if granted:
             seconds = time.perf_counter() - started
-            self._committed(key, decided.granted, len(decided.turns), seconds)
-        return [
-            [by_sequence[s] for s in range(o.first_sequence, o.first_sequence + o.count)]
-            if isinstance(o, Replay)
-            else o
-            for o in decided.outcomes
-        ]
+            written = [key for key, group in decided.items() if group.turns]
+            turns = sum(len(group.turns) for group in decided.values())
+            self._committed(written, granted, turns, seconds)
+        return {
+            key: [
+                [
+                    by_sequence[key[0], key[1], s]
+                    for s in range(o.first_sequence, o.first_sequence + o.count)
+                ]
+                if isinstance(o, Replay)
+                else o
+                for o in group.outcomes
+            ]
+            for key, group in decided.items()
+        }
 
-    def _committed(self, key: ThreadKey, allocations: int, turns: int, seconds: float) -> None:
-        self.changes.publish(key)
-        self._pending.add(key)
+    def _committed(
+        self, keys: list[ThreadKey], allocations: int, turns: int, seconds: float
+    ) -> None:
+        for key in keys:
+            self.changes.publish(key)
+        self._pending.update(keys)
         self._notify_wanted.set()
         hook = self.on_commit
         if hook is not None:
@@ -786,12 +972,13 @@ class PostgresStore:
             keys, self._pending = self._pending, set()
             if not keys:
                 continue
-            payloads = sorted({_payload(self._replica, key) for key in keys})
+            payloads = _payloads(self._replica, sorted(keys))
             try:
                 async with pool.connection() as conn:
                     await conn.execute(
-                        "SELECT pg_notify(%s, payload) FROM unnest(%s::text[]) AS payload",
-                        (NOTIFY_CHANNEL, payloads),
+                        "SELECT pg_notify(%s, payload) FROM json_array_elements_text(%s::json) "
+                        "AS payload",
+                        (NOTIFY_CHANNEL, _json(payloads)),
                     )
             except psycopg.Error as error:
                 log.info("PostgreSQL NOTIFY failed (watchers will re-read): %s", error)
@@ -826,7 +1013,8 @@ class PostgresStore:
             return
         if not isinstance(fields, list) or not fields or fields[0] == self._replica:
             return  # our own commit: its watchers were woken at commit
-        if len(fields) == 3 and all(isinstance(f, str) for f in fields):
-            self.changes.publish((fields[1], fields[2]))
+        if len(fields) % 2 == 1 and len(fields) > 1 and all(isinstance(f, str) for f in fields):
+            for index in range(1, len(fields), 2):
+                self.changes.publish((fields[index], fields[index + 1]))
         else:
             self.changes.publish_all()
