@@ -78,6 +78,13 @@ class Server:
             total += (int(fields[11]) + int(fields[12])) / CLK_TCK
         return total
 
+    def group_commits(self) -> tuple[int, int] | None:
+        """(allocations, commits) of the server's life, from its log line at close."""
+        found = re.search(
+            r"sqlite store closed: (\d+) allocations in (\d+) commits", self.log.read_text()
+        )
+        return (int(found.group(1)), int(found.group(2))) if found else None
+
     def stop(self) -> None:
         pid = self.process.pid
         # Under strace, stop the server (strace's child); strace then exits with it.
@@ -101,7 +108,7 @@ class Load:
                     command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
                 )
             )
-        self._replies()
+        self.warmup_calls = sum(r.get("warmup_calls", 0) for r in self._replies())
 
     def _replies(self) -> list[dict[str, Any]]:
         out = []
@@ -157,6 +164,7 @@ def measure(server: Server, kind: int, concurrency: int, seconds: float) -> dict
         before = server.cpu()
         trial = load.trial(seconds)
         trial["cpu_us"] = (server.cpu() - before) / max(1, trial["calls"]) * 1e6
+        trial["all_calls"] = trial["calls"] + load.warmup_calls
     finally:
         load.close()
     return trial
@@ -191,12 +199,16 @@ def main() -> int:
             return 0
         servers = {name: Server(name, tree, workdir, None) for name, tree in variants}
         rows: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
+        # Every call of a server's c=1 trials (and their warm-ups) commits alone: the rest of
+        # its commits are the c=32 trials', for allocations per commit at c=32.
+        alone = dict.fromkeys(servers, 0)
         fsyncs = []
         for round_ in range(args.rounds):
             fsyncs.append(fsync_ms(workdir))
             for name, server in servers.items():
                 c1 = measure(server, args.kind, 1, args.c1_seconds)
                 c32 = measure(server, args.kind, 32, args.c32_seconds)
+                alone[name] += c1["all_calls"]
                 rows[name].append(
                     {
                         "p50_c1": c1["p50_ms"],
@@ -214,13 +226,18 @@ def main() -> int:
                     f"c32 {r['cps_c32']:6.0f}/s cpu {r['cpu_c32']:4.0f} us  err {r['errors']}",
                     file=sys.stderr,
                 )
-        for server in servers.values():
+        per_commit = {}
+        for name, server in servers.items():
             server.stop()
+            counted = server.group_commits()
+            if counted is not None and counted[1] > alone[name]:
+                allocations, commits = counted[0] - alone[name], counted[1] - alone[name]
+                per_commit[name] = f"{allocations / commits:.1f}"
         fs = statistics.median(fsyncs)
         print(f"\nmedians over {args.rounds} rounds; fsync {fs:.3f} ms (median)")
         print("| server | p50 c1 ms | - baseline | cpu/call c1 µs | calls/s c32 | x base | "
-              "cpu/call c32 µs | x base CPU |")  # fmt: skip
-        print("|---|--:|--:|--:|--:|--:|--:|--:|")
+              "cpu/call c32 µs | x base CPU | allocations/commit c32 |")  # fmt: skip
+        print("|---|--:|--:|--:|--:|--:|--:|--:|--:|")
         base = rows.get("baseline")
         for name, trials in rows.items():
             med = {k: statistics.median(t[k] for t in trials) for k in trials[0]}
@@ -238,7 +255,8 @@ def main() -> int:
                 dp50 = xt = xc = float("nan")
             print(
                 f"| {name} | {med['p50_c1']:.3f} | {dp50:+.3f} | {med['cpu_c1']:.0f} | "
-                f"{med['cps_c32']:.0f} | {xt:.2f} | {med['cpu_c32']:.0f} | {xc:.2f} |"
+                f"{med['cps_c32']:.0f} | {xt:.2f} | {med['cpu_c32']:.0f} | {xc:.2f} | "
+                f"{per_commit.get(name, '')} |"
             )
         print(f"c=1 target: p50 <= baseline + {1.25 * fs + 0.1:.3f} ms")
     finally:

@@ -61,16 +61,25 @@ _CODES = {
 
 def turn_to_proto(turn: Turn, new: Callable[..., Any] = turnid_pb2.Turn) -> turnid_pb2.Turn:
     """The proto of a turn; `new` may be a repeated field's `add`, which builds it in place."""
+    message: turnid_pb2.Turn = fill_turn(new(), turn)
+    return message
+
+
+def fill_turn(message: Any, turn: Turn) -> Any:
+    """Set a Turn message's fields from `turn` (in place: a response's `turn`, or a repeated
+    field's `add()`); field by field is about twice as fast as keywords with a dict for the
+    Timestamp, and a response built around its own Turn would copy it."""
+    message.thread_id = turn.thread_id
+    message.turn_id = turn.turn_id
+    message.kind = turn.kind
+    message.sequence = turn.sequence
     seconds, micros = divmod(turn.create_time_us, 1_000_000)
-    return new(  # type: ignore[no-any-return]
-        thread_id=turn.thread_id,
-        turn_id=turn.turn_id,
-        kind=turn.kind,
-        sequence=turn.sequence,
-        create_time={"seconds": seconds, "nanos": micros * 1000},
-        request_id=turn.request_id,
-        claimed=turn.claimed,
-    )
+    stamp = message.create_time
+    stamp.seconds = seconds
+    stamp.nanos = micros * 1000
+    message.request_id = turn.request_id
+    message.claimed = turn.claimed
+    return message
 
 
 def _timestamp(micros: int) -> dict[str, int]:
@@ -91,8 +100,9 @@ def thread_to_proto(info: ThreadInfo) -> turnid_pb2.Thread:
 
 def add_turns(field: Any, turns: Iterable[Turn]) -> None:
     """Append turns to a repeated Turn field (in place: no copy per turn)."""
+    add = field.add
     for turn in turns:
-        turn_to_proto(turn, field.add)
+        fill_turn(add(), turn)
 
 
 def error_to_status(error: TurnIdError) -> status_pb2.Status:
@@ -267,7 +277,9 @@ class TurnIdServicer:
             namespace=namespace,
             expected_last_sequence=_expected(request),
         )
-        return turnid_pb2.AllocateTurnIdResponse(turn=turn_to_proto(turn))
+        response = turnid_pb2.AllocateTurnIdResponse()
+        fill_turn(response.turn, turn)
+        return response
 
     async def BatchAllocateTurnIds(self, request: Any, namespace: str) -> Any:
         turns = await self._turns.allocate_batch(
@@ -291,11 +303,15 @@ class TurnIdServicer:
             namespace=namespace,
             expected_last_sequence=_expected(request),
         )
-        return turnid_pb2.ClaimTurnIdResponse(turn=turn_to_proto(turn))
+        response = turnid_pb2.ClaimTurnIdResponse()
+        fill_turn(response.turn, turn)
+        return response
 
     async def GetTurn(self, request: Any, namespace: str) -> Any:
         turn = await self._turns.get(request.thread_id, request.turn_id, namespace=namespace)
-        return turnid_pb2.GetTurnResponse(turn=turn_to_proto(turn))
+        response = turnid_pb2.GetTurnResponse()
+        fill_turn(response.turn, turn)
+        return response
 
     async def ListTurns(self, request: Any, namespace: str) -> Any:
         page = await self._turns.list(
@@ -460,6 +476,12 @@ class TurnIdServicer:
         self, method: str, behavior: Behavior, parse: Callable[[bytes], Any]
     ) -> Callable[[bytes, Any], Awaitable[Any]]:
         gate = self.gate
+        # Which of the fields the observers see the request has (getattr with a default costs
+        # an AttributeError, ~1 µs, on a message without the field).
+        fields = _request_fields(parse)
+        has_request_id = fields is None or "request_id" in fields
+        has_kind = fields is None or "kind" in fields
+        has_count = fields is None or "count" in fields
 
         async def handle(raw: bytes, context: Any) -> Any:
             call = _Call()
@@ -472,9 +494,12 @@ class TurnIdServicer:
                     request = parse(raw)
                 except DecodeError as error:
                     raise _malformed(method, error) from error
-                call.request_id = getattr(request, "request_id", "")
-                call.kind = getattr(request, "kind", 0)
-                call.count = getattr(request, "count", 1)
+                if has_request_id:
+                    call.request_id = getattr(request, "request_id", "")
+                if has_kind:
+                    call.kind = getattr(request, "kind", 0)
+                if has_count:
+                    call.count = getattr(request, "count", 1)
                 return await behavior(request, namespace)
             except TurnIdError as error:
                 call.failed(error)
@@ -560,6 +585,14 @@ def _check_many(items: Any) -> None:
             max_items=str(MAX_MANY_ITEMS),
             max_turns=str(MAX_MANY_TURNS),
         )
+
+
+def _request_fields(parse: Callable[[bytes], Any]) -> frozenset[str] | None:
+    """The field names of the message that `parse` (a message class's FromString) makes, or
+    None when that cannot be told."""
+    descriptor = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
+    fields = getattr(descriptor, "fields_by_name", None)
+    return None if fields is None else frozenset(fields)
 
 
 def _expected(request: Any) -> int | None:

@@ -41,14 +41,16 @@ class TurnService:
         namespace: str = "",
         expected_last_sequence: int | None = None,
     ) -> Turn:
-        (turn,) = await self.allocate_batch(
-            thread_id,
-            kind,
+        # allocate_batch with count 1, without its coroutine in between.
+        allocation = Allocation(
+            validation.thread_id(thread_id),
+            validation.kind(kind),
             1,
-            request_id,
+            validation.request_id(request_id),
             namespace=namespace,
-            expected_last_sequence=expected_last_sequence,
+            expected_last_sequence=validation.expected_last_sequence(expected_last_sequence),
         )
+        (turn,) = await self.store.allocate(allocation)
         return turn
 
     async def allocate_batch(

@@ -1,14 +1,17 @@
 """The embedded default store: one SQLite file, safe to share between service processes.
 
 Durability: WAL with synchronous=FULL, so an acknowledged allocation survives kill -9 and
-power loss. Throughput: every allocation goes through one writer thread that takes the
-requests queued behind it and commits them in one `BEGIN IMMEDIATE` transaction (group
-commit), so the fsync is shared. The write lock is the serialization point of every thread in
-the file, across processes: inside it the writer reads each thread's row once, applies
-`domain.allocation.decide()` to every allocation of the group in turn (carrying each thread's
-state, request records and granted ids from one allocation to the next), and then writes the
-group's rows with one executemany per table. A refused request has queued nothing, so it never
-undoes or blocks its neighbours and needs no savepoint.
+power loss. Throughput: the requests queued behind the writer are committed together in one
+`BEGIN IMMEDIATE` transaction (group commit), so the fsync is shared. The write lock is the
+serialization point of every thread in the file, across processes: inside it the group's
+threads and request records are read in one statement, `domain.allocation.decide()` is applied
+to every allocation of the group in turn (carrying each thread's state, request records and
+granted ids from one allocation to the next), and the group's rows are written with one
+multi-row statement per table. A refused request has queued nothing, so it never undoes or
+blocks its neighbours and needs no savepoint. A group of up to `_LOOP_MAX_TURNS` turns is read,
+decided and written on the event loop (when the write lock is free at once) and only its
+COMMIT runs in the writer thread (`_WriterThread`); bigger groups, and groups that find the
+lock held by another process, run in the writer thread whole.
 
 A lone allocation (nothing else queued, the writer idle) is committed on the event loop thread
 instead, when the write lock is free at once: the hand-off to the writer thread and back is two
@@ -42,15 +45,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import logging
+import queue
 import sqlite3
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from turnid.service.domain.allocation import Replay, decide
 from turnid.service.domain.errors import (
@@ -181,29 +188,19 @@ _THREAD_INFO = (
     + " FROM threads h JOIN turns t ON t.namespace = h.namespace AND t.thread_id = h.thread_id "
     "AND t.sequence = h.next_sequence - 1 WHERE h.namespace = ? AND h.thread_id = ?"
 )
-# An allocation's first look at its thread in a group: the thread's row and the request_id's
-# record in one statement (one step, one row, either side NULL when missing), where two
-# statements would release and retake the GIL twice.
-_THREAD_AND_REQUEST = (
-    "SELECT "
-    + ", ".join(f"h.{c}" for c in _STATE_COLUMNS.split(", "))
-    + ", r.kind, r.count, r.claimed_turn_id, r.first_sequence FROM (SELECT 1) "
-    "LEFT JOIN threads h ON h.namespace = ?1 AND h.thread_id = ?2 "
-    "LEFT JOIN requests r ON r.namespace = ?1 AND r.thread_id = ?2 AND r.request_id = ?3"
-)
 # Group bounds: turns per transaction (a batch of 1000 counts 1000), and how long the writer
 # keeps deciding more of a group once it holds the write lock.
 _MAX_GROUP_TURNS = 4096
 _MAX_GROUP_S = 0.050
-# Commit delay: after a group of at least _COMMIT_SIBLINGS allocations, the writer waits this
-# long (asyncio's timer resolution is 1 ms) before taking the next group, unless as many are
-# queued already. Each commit costs ~150-200 µs of CPU (BEGIN IMMEDIATE, WAL frames, fsync)
-# whatever its size, so on a CPU-bound server bigger groups mean more allocations per second:
-# at concurrency 32 no delay gives ~3 allocations per commit, 1 ms ~10, 2 ms ~13 (bench/:
-# commits/s vs allocations/s), with p50/p99 at c32 no worse, since the server keeps up better.
-# A caller at concurrency 1 never waits; the first caller after a burst may wait up to 2 ms once.
+# Commit delay: after a group of at least _COMMIT_SIBLINGS allocations, the writer waits up to
+# this long (asyncio's timer resolution is 1 ms) before taking the next group, until as many
+# are queued as joined the last one. Each commit costs ~150-200 µs of CPU (BEGIN IMMEDIATE,
+# WAL frames, fsync) whatever its size, so on a CPU-bound server bigger groups mean more
+# allocations per second: at concurrency 32 a fixed 2 ms gave ~12 allocations per commit,
+# 3 ms ~22 and 4 ms ~22 with lower throughput (bench/profile_unary.py, allocations/commit).
+# A caller at concurrency 1 never waits; the first caller after a burst may wait up to 3 ms once.
 _COMMIT_SIBLINGS = 4
-_COMMIT_DELAY_S = 0.002
+_COMMIT_DELAY_S = 0.003
 # A lone allocation (the only one queued, arriving after the writer had been idle this long)
 # is committed on the event loop thread itself: the hand-off to the writer thread and back
 # costs two thread wake-ups (~75 µs at concurrency 1 on the bench machine, about half the
@@ -215,6 +212,14 @@ _COMMIT_DELAY_S = 0.002
 # in more requests for the next group during the commit.
 _ALONE_IDLE_S = 0.000_2
 _ALONE_MAX_TURNS = 64
+# A group of up to this many turns is decided and written on the event loop thread, inside
+# the transaction it begins there (when the write lock is free at once), and only its COMMIT
+# goes to the writer thread. In the writer thread every statement step releases the GIL and
+# then waits for the busy loop to let it go (a futex wait and a thread switch each, ~15 per
+# group), while the statements themselves take a few µs per allocation: on the loop they
+# need no GIL hand-off, and the COMMIT alone is one. Bigger groups (batches) go to the writer
+# thread whole, so the loop never stalls for long.
+_LOOP_MAX_TURNS = 256
 # How often the change poller reads PRAGMA data_version while anyone watches.
 _POLL_S = 0.075
 # Lower than the client's default deadline (10 s), so a lock wait comes back in time for the
@@ -268,14 +273,22 @@ def _rollback(conn: sqlite3.Connection) -> None:
 
 
 def _connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
-    # isolation_level=None: we issue BEGIN/COMMIT ourselves.
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves. The statement cache holds the
+    # multi-row statements of every group size (4 kinds x _ROWS_PER_STATEMENT) and the rest.
     conn = sqlite3.connect(
-        path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        path,
+        timeout=busy_timeout_s,
+        isolation_level=None,
+        check_same_thread=False,
+        cached_statements=4 * _ROWS_PER_STATEMENT + 64,
     )
     try:
         if path != MEMORY:
             _set_wal(conn, time.monotonic() + busy_timeout_s)
         conn.execute("PRAGMA synchronous=FULL")
+        # Transient files (statement journals, sorts) in memory: they never hold data that
+        # must survive (that is the WAL's job), and a file per group costs syscalls.
+        conn.execute("PRAGMA temp_store=MEMORY")
     except BaseException:
         conn.close()
         raise
@@ -343,48 +356,106 @@ class _GroupThread:
     requests: dict[str, RequestRecord] = field(default_factory=dict)  # recorded in this group
 
 
+# Rows per multi-row statement: at most 8 x 64 = 512 parameters (SQLite's smallest limit is
+# 999), and 64 texts per statement kind for the statement cache (`_connect`). The writes are
+# OR ROLLBACK: a statement that can fail after some of its rows went in would otherwise need a
+# statement journal (a temporary file, and a copy of every page it touches) to undo only
+# itself; a failure rolls the group back anyway (`_commit_group`).
+_ROWS_PER_STATEMENT = 64
+_TURN_INSERT = f"INSERT OR ROLLBACK INTO turns (namespace, {_TURN_COLUMNS}) VALUES "
+_THREAD_UPSERT = (
+    f"INSERT OR ROLLBACK INTO threads (namespace, thread_id, {_STATE_COLUMNS}) VALUES ",
+    " ON CONFLICT (namespace, thread_id) DO UPDATE SET "
+    "next_sequence = excluded.next_sequence, "
+    "next_compaction = excluded.next_compaction, "
+    "last_minted = excluded.last_minted, "
+    "max_claimed = excluded.max_claimed, "
+    "create_time_us = excluded.create_time_us, "
+    "update_time_us = excluded.update_time_us",
+)
+_REQUEST_INSERT = (
+    "INSERT OR ROLLBACK INTO requests (namespace, thread_id, request_id, kind, count, "
+    "claimed_turn_id, first_sequence) VALUES "
+)
+# A group's first look at its threads and request_ids: one statement, one row (a JSON array,
+# one element per key: [index, the thread's row or NULLs, the request's record or NULLs]),
+# where a row per key would release and retake the GIL once per key (every sqlite3_step
+# does), each time a thread switch when the event loop wants the GIL meanwhile.
+_PREFETCH = (
+    "WITH k(i, ns, tid, rid) AS (VALUES {keys}) SELECT json_group_array(json_array(k.i, "
+    + ", ".join(f"h.{c}" for c in _STATE_COLUMNS.split(", "))
+    + ", r.kind, r.count, r.claimed_turn_id, r.first_sequence)) FROM k "
+    "LEFT JOIN threads h ON h.namespace = k.ns AND h.thread_id = k.tid "
+    "LEFT JOIN requests r ON r.namespace = k.ns AND r.thread_id = k.tid AND r.request_id = k.rid"
+)
+_SQL_CACHE: dict[tuple[str, int], str] = {}
+
+
+def _multi_row(kind: str, rows: int) -> str:
+    """The text of a multi-row statement (the same str object each time: its hash is kept)."""
+    text = _SQL_CACHE.get((kind, rows))
+    if text is None:
+        if kind == "prefetch":
+            text = _PREFETCH.format(keys=", ".join(["(?, ?, ?, ?)"] * rows))
+        elif kind == "turns":
+            text = _TURN_INSERT + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
+        elif kind == "threads":
+            head, tail = _THREAD_UPSERT
+            text = head + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * rows) + tail
+        else:
+            text = _REQUEST_INSERT + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * rows)
+        text = _SQL_CACHE.setdefault((kind, rows), text)
+    return text
+
+
+def _run_rows(cursor: sqlite3.Cursor, kind: str, rows: Sequence[tuple[object, ...]]) -> None:
+    """Write `rows` with one multi-row statement per _ROWS_PER_STATEMENT rows (executemany
+    would step, and release the GIL, once per row)."""
+    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+        chunk = rows[start : start + _ROWS_PER_STATEMENT]
+        cursor.execute(_multi_row(kind, len(chunk)), [v for row in chunk for v in row])
+
+
 class _Batch:
     """One group's transaction while it is being decided: what it knows and what it writes.
 
     The transaction holds the file's write lock from BEGIN IMMEDIATE to COMMIT, so what it has
-    read cannot change underneath it. Nothing is written until the group is decided; then one
-    executemany per table writes it all (`write`), each thread's row once.
+    read cannot change underneath it. First every thread of the group and every request_id it
+    carries are read in one statement (`prefetch`); nothing is written until the group is
+    decided; then one multi-row statement per table writes it all (`write`), each thread's row
+    once.
     """
 
-    __slots__ = ("cursor", "threads")
+    __slots__ = ("cursor", "seen", "threads")
 
     def __init__(self, cursor: sqlite3.Cursor) -> None:
         self.cursor = cursor
         self.threads: dict[ThreadKey, _GroupThread] = {}
+        # What each (namespace, thread_id, request_id) of the group was used for before the
+        # group (None: new).
+        self.seen: dict[tuple[str, str, str], RequestRecord | None] = {}
 
-    def thread_and_request(
-        self, namespace: str, thread_id: str, request_id: str
-    ) -> tuple[_GroupThread, RequestRecord | None]:
-        """The thread as the group sees it and what `request_id` was used for before the
-        group (None: new), in one statement when the group has not seen the thread yet."""
-        key = (namespace, thread_id)
-        thread = self.threads.get(key)
-        if thread is not None or not request_id:
-            return thread or self.thread(namespace, thread_id), None
-        row = self.cursor.execute(
-            _THREAD_AND_REQUEST, (namespace, thread_id, request_id)
-        ).fetchone()
-        state = NEW_THREAD if row[0] is None else _state(row[:6])
-        thread = self.threads[key] = _GroupThread(state, state.next_sequence)
-        seen = None if row[6] is None else RequestRecord(row[6], row[7], row[8], row[9])
-        return thread, seen
-
-    def thread(self, namespace: str, thread_id: str) -> _GroupThread:
-        key = (namespace, thread_id)
-        thread = self.threads.get(key)
-        if thread is None:
-            row = self.cursor.execute(
-                f"SELECT {_STATE_COLUMNS} FROM threads WHERE namespace = ? AND thread_id = ?",
-                key,
-            ).fetchone()
-            state = _state(row) if row else NEW_THREAD
-            thread = self.threads[key] = _GroupThread(state, state.next_sequence)
-        return thread
+    def prefetch(self, group: Sequence[Allocation]) -> None:
+        """Read the group's threads and request records (one statement per 64 keys)."""
+        keys: dict[tuple[str, str, str], None] = {}
+        for allocation in group:
+            keys[(allocation.namespace, allocation.thread_id, allocation.request_id)] = None
+        order = list(keys)
+        threads, seen = self.threads, self.seen
+        for start in range(0, len(order), _ROWS_PER_STATEMENT):
+            chunk = order[start : start + _ROWS_PER_STATEMENT]
+            params: list[object] = []
+            for index, (namespace, thread_id, request_id) in enumerate(chunk, start):
+                params += (index, namespace, thread_id, request_id or None)
+            (text,) = self.cursor.execute(_multi_row("prefetch", len(chunk)), params).fetchone()
+            for row in json.loads(text):
+                key = order[row[0]]
+                thread_key = (key[0], key[1])
+                if thread_key not in threads:
+                    state = NEW_THREAD if row[1] is None else _state(row[1:7])
+                    threads[thread_key] = _GroupThread(state, state.next_sequence)
+                if key[2]:
+                    seen[key] = None if row[7] is None else RequestRecord(*row[7:11])
 
     def changed(self) -> list[ThreadKey]:
         return [key for key, thread in self.threads.items() if thread.turns]
@@ -395,20 +466,12 @@ class _Batch:
 
     def write(self) -> None:
         cursor = self.cursor
-
-        def run(sql: str, rows: Sequence[tuple[object, ...]]) -> None:
-            # One row (every unary allocation alone in a group): execute skips
-            # executemany's iterator and per-call set-up.
-            if len(rows) == 1:
-                cursor.execute(sql, rows[0])
-            else:
-                cursor.executemany(sql, rows)
-
         changed = [(key, thread) for key, thread in self.threads.items() if thread.turns]
         if not changed:
             return
-        run(
-            f"INSERT INTO turns (namespace, {_TURN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        _run_rows(
+            cursor,
+            "turns",
             [
                 (
                     ns,
@@ -424,15 +487,9 @@ class _Batch:
                 for t in thread.turns
             ],
         )
-        run(
-            f"INSERT INTO threads (namespace, thread_id, {_STATE_COLUMNS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (namespace, thread_id) DO UPDATE SET "
-            "next_sequence = excluded.next_sequence, "
-            "next_compaction = excluded.next_compaction, "
-            "last_minted = excluded.last_minted, "
-            "max_claimed = excluded.max_claimed, "
-            "create_time_us = excluded.create_time_us, "
-            "update_time_us = excluded.update_time_us",
+        _run_rows(
+            cursor,
+            "threads",
             [
                 (
                     ns,
@@ -454,11 +511,7 @@ class _Batch:
             for rid, r in thread.requests.items()
         ]
         if request_rows:
-            run(
-                "INSERT INTO requests (namespace, thread_id, request_id, kind, count, "
-                "claimed_turn_id, first_sequence) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                request_rows,
-            )
+            _run_rows(cursor, "requests", request_rows)
 
 
 _Result = list[Turn] | BaseException
@@ -473,7 +526,99 @@ class _Outcome:
     commits: list[tuple[int, int, float]] = field(default_factory=list)  # (allocs, turns, s)
 
 
+@dataclass(slots=True)
+class _Open:
+    """A group's transaction, decided and written but not committed yet."""
+
+    decided: Sequence[Allocation]  # the prefix of the group it covers
+    cursor: sqlite3.Cursor
+    batch: _Batch
+    outcome: _Outcome  # results so far; the commit adds the rest
+    started: float  # time.monotonic() before BEGIN
+
+
 _Pending = tuple[Allocation, asyncio.Future[list[Turn]]]
+_Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any] | Future[Any]"]
+
+
+class _WriterThread(Executor):
+    """The writer's own thread, fed by a SimpleQueue. `call` answers on the event loop with
+    one call_soon_threadsafe (run_in_executor chains a concurrent Future, with its lock and
+    condition, to an asyncio one: ~10 µs more CPU per hand-off, measured); `submit` is the
+    Executor protocol, for the store's occasional uses (open, close, in-memory reads)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._shut = False
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._shut:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if self._thread is None:
+                # A daemon: a store that is never closed must not keep the process alive.
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        jobs = self._jobs
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            fn, args, future = job
+            if isinstance(future, Future):
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(*args))
+                    except BaseException as error:
+                        future.set_exception(error)
+                continue
+            failure: BaseException | None = None
+            try:
+                result = fn(*args)
+            except BaseException as raised:
+                result, failure = None, raised
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                future.get_loop().call_soon_threadsafe(_settle, future, result, failure)
+
+    def call(self, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+        """Run fn(*args) in the thread; the result (or exception) comes back on the loop."""
+        if self._thread is None or self._shut:
+            self._start()
+        future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
+        self._jobs.put((fn, args, future))
+        return future
+
+    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
+        if self._thread is None or self._shut:
+            self._start()
+        future: Future[_T] = Future()
+        self._jobs.put((functools.partial(fn, **kwargs) if kwargs else fn, args, future))
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            if self._shut:
+                return
+            self._shut = True
+        thread = self._thread
+        if thread is not None:
+            self._jobs.put(None)
+            if wait:
+                thread.join()
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # cancelled meanwhile
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class SqliteStore:
@@ -490,9 +635,9 @@ class SqliteStore:
         # Turns queued for the writer beyond this are refused RESOURCE_EXHAUSTED/OVERLOADED at
         # once: a bounded queue keeps latency bounded and tells clients to back off.
         self._max_pending = max_pending
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="turnid-sqlite-writer")
+        self._writer = _WriterThread("turnid-sqlite-writer")
         # An in-memory database has one connection, so its reads go through the writer thread.
-        self._reader = (
+        self._reader: Executor = (
             self._writer
             if self._memory
             else ThreadPoolExecutor(1, thread_name_prefix="turnid-sqlite-reader")
@@ -508,6 +653,10 @@ class SqliteStore:
         self._first_arrival = 0.0
         self._writer_idle_since = 0.0
         self._wakeup = asyncio.Event()
+        # While the writer waits for a group to fill (commit delay): resolved when
+        # _gather_target allocations are queued.
+        self._gathering: asyncio.Future[None] | None = None
+        self._gather_target = 0
         self._closing = False
         self._write_loop_task: asyncio.Task[None] | None = None
         self._poll_task: asyncio.Task[None] | None = None
@@ -613,6 +762,11 @@ class SqliteStore:
             self._first_arrival = time.monotonic()
         self._pending.append((allocation, future))
         self._pending_turns += allocation.count
+        gathering = self._gathering
+        if gathering is not None and len(self._pending) >= self._gather_target:
+            self._gathering = None
+            if not gathering.done():  # the delay may have run out already
+                gathering.set_result(None)
         self._wakeup.set()
         return await future
 
@@ -636,7 +790,6 @@ class SqliteStore:
         return group
 
     async def _write_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
@@ -647,25 +800,30 @@ class SqliteStore:
                 ):
                     # Requests are arriving faster than commits finish, and fewer are queued
                     # than joined the last group: let more join this one, so that one fsync
-                    # serves them all (cf. PostgreSQL's commit_delay).
-                    await asyncio.sleep(_COMMIT_DELAY_S)
+                    # serves them all (cf. PostgreSQL's commit_delay), until as many are
+                    # queued as joined the last group, or for _COMMIT_DELAY_S at most.
+                    await self._gather(self.last_group_allocations)
                 group = self._take_group()
                 if not group:
                     continue
                 allocations = [allocation for allocation, _ in group]
                 try:
                     outcome = None
-                    if (
-                        len(group) == 1
-                        and not self._memory
-                        and allocations[0].count <= _ALONE_MAX_TURNS
-                        and self._first_arrival - self._writer_idle_since >= _ALONE_IDLE_S
-                    ):
-                        outcome = self._commit_group(allocations, on_loop=True)
+                    if not self._memory and sum(a.count for a in allocations) <= _LOOP_MAX_TURNS:
+                        # The group's statements on the loop, only its COMMIT (the WAL
+                        # writes and the fsync) in the writer thread: see _LOOP_MAX_TURNS.
+                        opened = self._open_group(allocations, on_loop=True)
+                        if isinstance(opened, _Open):
+                            if (
+                                len(group) == 1
+                                and allocations[0].count <= _ALONE_MAX_TURNS
+                                and self._first_arrival - self._writer_idle_since >= _ALONE_IDLE_S
+                            ):
+                                outcome = self._finish_group(opened)
+                            else:
+                                outcome = await self._writer.call(self._finish_group, opened)
                     if outcome is None:
-                        outcome = await loop.run_in_executor(
-                            self._writer, self._commit_group, allocations
-                        )
+                        outcome = await self._writer.call(self._commit_group, allocations)
                         assert outcome is not None  # the writer thread waits for the lock
                 except Exception as error:  # a bug must fail these calls, not stall the store
                     log.exception("sqlite writer failed")
@@ -674,6 +832,17 @@ class SqliteStore:
                 self._finish(group, outcome)
             if self._closing:
                 return
+
+    async def _gather(self, target: int) -> None:
+        loop = asyncio.get_running_loop()
+        gathering = self._gathering = loop.create_future()
+        self._gather_target = target
+        timer = loop.call_later(_COMMIT_DELAY_S, _settle, gathering, None, None)
+        try:
+            await gathering
+        finally:
+            timer.cancel()
+            self._gathering = None
 
     def _finish(self, group: list[_Pending], outcome: _Outcome) -> None:
         """On the event loop: resolve the decided futures, requeue the rest at the head,
@@ -714,8 +883,17 @@ class SqliteStore:
         Returns a result (turns or an exception) for each allocation decided, in order; the
         ones after them did not fit in the group's time and were not looked at. `on_loop`:
         called on the event loop, which must not wait for the write lock: None (nothing done)
-        when another connection holds it.
+        when another connection holds it, or when anything failed (the writer thread then
+        does it all again, and handles the failure).
         """
+        opened = self._open_group(group, on_loop)
+        if not isinstance(opened, _Open):
+            return opened
+        return self._finish_group(opened)
+
+    def _open_group(self, group: Sequence[Allocation], on_loop: bool) -> _Open | _Outcome | None:
+        """Begin the transaction, decide (a prefix of) `group` and write its rows: all of the
+        group's work but the COMMIT (see `_commit_group`)."""
         conn = self._write_conn
         assert conn is not None
         outcome = _Outcome()
@@ -732,6 +910,7 @@ class SqliteStore:
                 cursor.execute("BEGIN IMMEDIATE")
             deadline = time.monotonic() + _MAX_GROUP_S
             batch = _Batch(cursor)
+            batch.prefetch(group)
             now_us = time.time_ns() // 1000
             for index, allocation in enumerate(group):
                 try:
@@ -743,37 +922,56 @@ class SqliteStore:
                     taken = index + 1
                     break
             batch.write()
-            self._commit_epoch += 1  # before COMMIT: the poller must not take it for theirs
-            cursor.execute("COMMIT")
         except BaseException as error:
-            # Never leave the transaction (and the file's write lock) open behind a failure.
-            _rollback(conn)
-            if not isinstance(error, Exception):
-                raise
-            decided = group[:taken]
-            if isinstance(error, sqlite3.IntegrityError) and len(decided) > 1:
-                # A write broke a constraint that decide() did not foresee (none is known).
-                # The group's writes went out together, so the culprit is unknown: commit
-                # each allocation alone, and only the culprit fails.
-                log.warning(
-                    "group commit: %s; retrying its %d allocations alone", error, len(decided)
-                )
-                retried = _Outcome()
-                for one in decided:
-                    single = self._commit_group([one])
-                    assert single is not None
-                    retried.results += single.results
-                    retried.changed |= single.changed
-                    retried.commits += single.commits
-                return retried
-            mapped = storage_error(error) if isinstance(error, sqlite3.Error) else None
-            if mapped is None:
-                log.exception("group commit failed; rolled back %d allocations", len(decided))
-            return _Outcome([mapped or error] * len(decided))
-        seconds = time.monotonic() - started
+            if on_loop:
+                _rollback(conn)
+                if not isinstance(error, Exception):
+                    raise
+                return None
+            return self._failed(error, group[:taken])
+        return _Open(group[:taken], cursor, batch, outcome, started)
+
+    def _finish_group(self, opened: _Open) -> _Outcome:
+        """COMMIT a group's transaction that `_open_group` left open (in the writer thread,
+        or on the loop for a lone allocation)."""
+        try:
+            self._commit_epoch += 1  # before COMMIT: the poller must not take it for theirs
+            opened.cursor.execute("COMMIT")
+        except BaseException as error:
+            return self._failed(error, opened.decided)
+        outcome, batch = opened.outcome, opened.batch
+        seconds = time.monotonic() - opened.started
         outcome.changed.update(batch.changed())
-        outcome.commits.append((len(results), batch.turn_count, seconds))
+        outcome.commits.append((len(outcome.results), batch.turn_count, seconds))
         return outcome
+
+    def _failed(self, error: BaseException, decided: Sequence[Allocation]) -> _Outcome:
+        """After a failure inside a group's transaction: roll back, and the group's results."""
+        conn = self._write_conn
+        assert conn is not None
+        # Never leave the transaction (and the file's write lock) open behind a failure.
+        _rollback(conn)
+        if not isinstance(error, Exception):
+            raise error
+        if isinstance(error, sqlite3.IntegrityError) and len(decided) > 1:
+            # A write broke a constraint that decide() did not foresee (none is known).
+            # The group's writes went out together, so the culprit is unknown: commit
+            # each allocation alone, and only the culprit fails.
+            log.warning("group commit: %s; retrying its %d allocations alone", error, len(decided))
+            retried = _Outcome()
+            for one in decided:
+                single = self._commit_group([one])
+                assert single is not None
+                retried.results += single.results
+                retried.changed |= single.changed
+                retried.commits += single.commits
+            return retried
+        mapped = storage_error(error) if isinstance(error, sqlite3.Error) else None
+        if mapped is None:
+            log.exception(
+                "group commit failed; rolled back %d allocations", len(decided), exc_info=error
+            )
+        return _Outcome([mapped or error] * len(decided))
 
     def _begin_at_once(self, cursor: sqlite3.Cursor) -> bool:
         """BEGIN IMMEDIATE without waiting: False when another connection holds the lock."""
@@ -796,18 +994,12 @@ class SqliteStore:
         cursor = batch.cursor
         namespace, thread_id = allocation.namespace, allocation.thread_id
         request_id = allocation.request_id
-        fresh = (namespace, thread_id) not in batch.threads
-        thread, seen = batch.thread_and_request(namespace, thread_id, request_id)
-        if request_id and not fresh:
-            seen = thread.requests.get(request_id)
+        thread = batch.threads[(namespace, thread_id)]
+        seen = None
+        if request_id:
+            seen = thread.requests.get(request_id)  # recorded earlier in this group
             if seen is None:
-                row = cursor.execute(
-                    "SELECT kind, count, claimed_turn_id, first_sequence FROM requests "
-                    "WHERE namespace = ? AND thread_id = ? AND request_id = ?",
-                    (namespace, thread_id, request_id),
-                ).fetchone()
-                if row is not None:
-                    seen = RequestRecord(row[0], row[1], row[2], row[3])
+                seen = batch.seen[(namespace, thread_id, request_id)]
 
         def is_taken(turn_id: str) -> bool:
             return (
@@ -859,8 +1051,7 @@ class SqliteStore:
                 elif version != last_version and (
                     # Only ours could have changed it if COMMITs started since the last
                     # reading; then the write connection says exactly if anyone else did.
-                    epoch == last_epoch
-                    or await loop.run_in_executor(self._writer, self._foreign_commits)
+                    epoch == last_epoch or await self._writer.call(self._foreign_commits)
                 ):
                     self.changes.publish_all()
                 last_version, last_epoch = version, epoch
