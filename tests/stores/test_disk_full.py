@@ -194,11 +194,6 @@ def test_start_up_on_a_full_disk_names_the_cause_new_file(small_disk: Path) -> N
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(
-    strict=True,
-    reason="opening an existing WAL database on a full disk says 'disk I/O error' "
-    "(SQLITE_IOERR from growing the -shm file), not that the disk is full",
-)
 def test_start_up_on_a_full_disk_names_the_cause_existing_file(small_disk: Path) -> None:
     database = small_disk / "old.db"
 

@@ -49,6 +49,7 @@ import functools
 import json
 import logging
 import queue
+import shutil
 import sqlite3
 import threading
 import time
@@ -233,6 +234,8 @@ MEMORY = ":memory:"
 _T = TypeVar("_T")
 
 log = logging.getLogger("turnid.stores.sqlite")
+#: Less free space than this on the database's file system when an open fails: say it is full.
+_FULL_DISK_BYTES = 64 * 1024
 
 CommitHook = Callable[[int, int, float], None]
 
@@ -687,6 +690,19 @@ class SqliteStore:
         """Allocations queued for the writer (the writer_queue_depth metric)."""
         return len(self._pending)
 
+    def _full_disk_hint(self) -> str:
+        """Why an open failed when the disk is full: SQLite then often reports only a disk I/O
+        error (the -shm file cannot grow), which hides the cause."""
+        if self._memory:
+            return ""
+        try:
+            free = shutil.disk_usage(Path(self.path).parent).free
+        except OSError:
+            return ""
+        return (
+            f" (the disk holding it is full: {free} bytes free)" if free < _FULL_DISK_BYTES else ""
+        )
+
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
         try:
@@ -701,7 +717,9 @@ class SqliteStore:
                 )
         except (sqlite3.Error, OSError) as error:
             await self._close_connections()
-            raise RuntimeError(f"cannot open SQLite database {self.path}: {error}") from error
+            raise RuntimeError(
+                f"cannot open SQLite database {self.path}: {error}{self._full_disk_hint()}"
+            ) from error
         except BaseException:
             await self._close_connections()
             raise
