@@ -34,6 +34,7 @@ from turnid.service.domain import (
     TurnIdError,
     TurnService,
     WatchUpdate,
+    validation,
 )
 from turnid.service.domain.errors import internal_error, invalid_field, shutting_down
 from turnid.v1 import turnid_pb2
@@ -269,40 +270,52 @@ class TurnIdServicer:
 
     # --- the RPCs: proto -> domain -> proto ---------------------------------------------------
 
-    async def AllocateTurnId(self, request: Any, namespace: str) -> Any:
-        turn = await self._turns.allocate(
-            request.thread_id,
-            request.kind,
-            request.request_id,
-            namespace=namespace,
-            expected_last_sequence=_expected(request),
-        )
-        response = turnid_pb2.AllocateTurnIdResponse()
-        fill_turn(response.turn, turn)
-        return response
-
-    async def BatchAllocateTurnIds(self, request: Any, namespace: str) -> Any:
-        turns = await self._turns.allocate_batch(
+    async def _write(self, which: str, request: Any, namespace: str) -> list[Turn]:
+        """The domain call of one write request (`which`: AllocateMany's item field name), for
+        the unary write RPCs and AllocateMany's items alike."""
+        expected = _expected(request)
+        if which == "allocate":
+            turn = await self._turns.allocate(
+                request.thread_id,
+                request.kind,
+                request.request_id,
+                namespace=namespace,
+                expected_last_sequence=expected,
+            )
+            return [turn]
+        if which == "claim":
+            turn = await self._turns.claim(
+                request.thread_id,
+                request.turn_id,
+                request.kind,
+                request.request_id,
+                namespace=namespace,
+                expected_last_sequence=expected,
+            )
+            return [turn]
+        return await self._turns.allocate_batch(
             request.thread_id,
             request.kind,
             request.count,
             request.request_id,
             namespace=namespace,
-            expected_last_sequence=_expected(request),
+            expected_last_sequence=expected,
         )
+
+    async def AllocateTurnId(self, request: Any, namespace: str) -> Any:
+        (turn,) = await self._write("allocate", request, namespace)
+        response = turnid_pb2.AllocateTurnIdResponse()
+        fill_turn(response.turn, turn)
+        return response
+
+    async def BatchAllocateTurnIds(self, request: Any, namespace: str) -> Any:
+        turns = await self._write("batch_allocate", request, namespace)
         response = turnid_pb2.BatchAllocateTurnIdsResponse()
         add_turns(response.turns, turns)
         return response
 
     async def ClaimTurnId(self, request: Any, namespace: str) -> Any:
-        turn = await self._turns.claim(
-            request.thread_id,
-            request.turn_id,
-            request.kind,
-            request.request_id,
-            namespace=namespace,
-            expected_last_sequence=_expected(request),
-        )
+        (turn,) = await self._write("claim", request, namespace)
         response = turnid_pb2.ClaimTurnIdResponse()
         fill_turn(response.turn, turn)
         return response
@@ -386,35 +399,9 @@ class TurnIdServicer:
             sub = getattr(item, which)
             call.request_id = sub.request_id
             call.kind = sub.kind
-            if which == "allocate":
-                turn = await self._turns.allocate(
-                    sub.thread_id,
-                    sub.kind,
-                    sub.request_id,
-                    namespace=namespace,
-                    expected_last_sequence=_expected(sub),
-                )
-                return [turn], None
-            if which == "claim":
-                turn = await self._turns.claim(
-                    sub.thread_id,
-                    sub.turn_id,
-                    sub.kind,
-                    sub.request_id,
-                    namespace=namespace,
-                    expected_last_sequence=_expected(sub),
-                )
-                return [turn], None
-            call.count = sub.count
-            turns = await self._turns.allocate_batch(
-                sub.thread_id,
-                sub.kind,
-                sub.count,
-                sub.request_id,
-                namespace=namespace,
-                expected_last_sequence=_expected(sub),
-            )
-            return turns, None
+            if which == "batch_allocate":
+                call.count = sub.count
+            return await self._write(which, sub, namespace), None
         except TurnIdError as error:
             call.failed(error)
             return [], error_to_status(error)
@@ -426,11 +413,12 @@ class TurnIdServicer:
             call.failed(mapped)
             return [], error_to_status(mapped)
         finally:
-            self._observe_item(call, method, namespace)
+            if self.observers:
+                # The behavior has no ServicerContext: an item's peer reads as "".
+                self._notify(call, method, namespace, None)
 
-    def _observe_item(self, call: _Call, method: str, namespace: str) -> None:
-        if not self.observers:
-            return
+    def _notify(self, call: _Call, method: str, namespace: str, context: Any) -> None:
+        """Tell the observers how a call (or an AllocateMany item) ended."""
         record = CallRecord(
             method,
             call.code,
@@ -439,7 +427,7 @@ class TurnIdServicer:
             namespace,
             time.perf_counter() - call.started,
             call.correlation_id,
-            None,  # the behavior has no ServicerContext: an item's peer reads as ""
+            context,
             call.kind,
             call.count,
         )
@@ -454,23 +442,7 @@ class TurnIdServicer:
     def _finish(self, call: _Call, method: str, namespace: str, context: Any) -> None:
         self.gate.exit()
         if self.observers:
-            record = CallRecord(
-                method,
-                call.code,
-                call.reason,
-                call.request_id,
-                namespace,
-                time.perf_counter() - call.started,
-                call.correlation_id,
-                context,
-                call.kind,
-                call.count,
-            )
-            for observer in self.observers:
-                try:
-                    observer(record)
-                except Exception:  # an observer must never fail the call
-                    log.exception("call observer failed")
+            self._notify(call, method, namespace, context)
 
     def unary(
         self, method: str, behavior: Behavior, parse: Callable[[bytes], Any]
@@ -568,7 +540,7 @@ def _check_many(items: Any) -> None:
     for item in items:
         if item.HasField("batch_allocate"):
             count = item.batch_allocate.count
-            turns += count if 0 < count <= 1000 else 0
+            turns += count if 0 < count <= validation.MAX_BATCH else 0
         else:
             turns += 1
     if len(items) > MAX_MANY_ITEMS or turns > MAX_MANY_TURNS:
