@@ -295,8 +295,13 @@ async def test_postgres_restart_mid_load(replicas: list[ServeProcess]) -> None:
         assert not [line for line in server.log if "Traceback" in line or " ERROR " in line]
     if os.environ.get("TURNID_TEST_PG_SHOW_LOGS"):
         print("".join(line for server in replicas for line in server.log))
-    # The restart must have hit the load: otherwise this test has checked nothing.
-    assert load.failures[("UNAVAILABLE", "STORE_UNAVAILABLE")] > 0, "no call failed"
+    # The restart must have hit the replicas under load, or this test has checked nothing:
+    # calls that failed (and were retried), or replicas that saw their connections die (the
+    # store repeats an attempt whose connection died before its commit, so calls may all pass).
+    noticed = [line for server in replicas for line in server.log if "connection lost" in line]
+    assert load.failures[("UNAVAILABLE", "STORE_UNAVAILABLE")] > 0 or noticed, (
+        "neither a failed call nor a lost connection: the restart did not hit the load"
+    )
     await assert_invariants(load, targets[1])
     # Every replica serves again, on the recovered pool.
     for target in targets:

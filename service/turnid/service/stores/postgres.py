@@ -567,6 +567,7 @@ class PostgresStore:
         self._open_timeout_s = open_timeout_s
         self._max_attempts = max_attempts
         self._pool: AsyncConnectionPool[Connection] | None = None
+        self._sweep: asyncio.Future[None] | None = None  # the pool check after a dead connection
         self._closed = False
         #: Woken at every commit here and, through NOTIFY, at every commit on other replicas.
         self.changes = ChangeFeed(fallback_interval=watch_fallback_s)
@@ -596,6 +597,18 @@ class PostgresStore:
             f"SET idle_in_transaction_session_timeout = {self._statement_timeout_ms}"
         )
 
+    async def _check_connection(self, conn: Connection) -> None:
+        """The pool's check of a connection taken from it; one found dead (the server restarted)
+        means its idle siblings are dead too: check them all at once in the background, so the
+        pool refills at once instead of finding them one checkout (and one wait) at a time."""
+        try:
+            await _check_connection(conn)
+        except Exception:
+            pool = self._pool
+            if pool is not None and (self._sweep is None or self._sweep.done()):
+                self._sweep = asyncio.ensure_future(pool.check())
+            raise
+
     async def open(self) -> None:
         await migrate(self.url, apply=self.migrate)
         pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
@@ -605,7 +618,7 @@ class PostgresStore:
             max_size=self._pool_max,
             timeout=self._acquire_timeout_s,
             configure=self._configure,
-            check=_check_connection,
+            check=self._check_connection,
             name="turnid",
             open=False,
         )
@@ -633,6 +646,9 @@ class PostgresStore:
             self._stall_timer.cancel()
             self._stall_timer = None
         tasks, self._tasks = self._tasks, []
+        if self._sweep is not None and not self._sweep.done():
+            tasks.append(self._sweep)  # type: ignore[arg-type]
+        self._sweep = None
         for task in tasks:
             task.cancel()
         for task in tasks:
