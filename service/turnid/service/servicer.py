@@ -240,6 +240,21 @@ def _unexpected(method: str, error: BaseException) -> TurnIdError:
     return internal_error(correlation_id)
 
 
+def _admit(gate: CallGate, method: str, parse: Callable[[bytes], Any], raw: bytes) -> Any:
+    """What every call does first: refused while shutting down, then its request parsed."""
+    if gate.closing:
+        raise shutting_down()
+    try:
+        return parse(raw)
+    except DecodeError as error:
+        raise _malformed(method, error) from error
+
+
+def _mapped(method: str, error: Exception) -> TurnIdError:
+    """The error a call ends with: a TurnIdError as it is, anything else INTERNAL_ERROR."""
+    return error if isinstance(error, TurnIdError) else _unexpected(method, error)
+
+
 class _Call:
     """The bookkeeping of one call: gate, outcome and observers."""
 
@@ -460,12 +475,7 @@ class TurnIdServicer:
             gate.enter()
             namespace = current_namespace.get()
             try:
-                if gate.closing:
-                    raise shutting_down()
-                try:
-                    request = parse(raw)
-                except DecodeError as error:
-                    raise _malformed(method, error) from error
+                request = _admit(gate, method, parse, raw)
                 if has_request_id:
                     call.request_id = getattr(request, "request_id", "")
                 if has_kind:
@@ -473,14 +483,11 @@ class TurnIdServicer:
                 if has_count:
                     call.count = getattr(request, "count", 1)
                 return await behavior(request, namespace)
-            except TurnIdError as error:
-                call.failed(error)
-                await abort(context, error)
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 call.code = "CANCELLED"
                 raise
             except Exception as error:
-                mapped = _unexpected(method, error)
+                mapped = _mapped(method, error)
                 call.failed(mapped)
                 await abort(context, mapped)
             finally:
@@ -499,22 +506,14 @@ class TurnIdServicer:
             gate.watchers += 1
             namespace = current_namespace.get()
             try:
-                if gate.closing:
-                    raise shutting_down()
-                try:
-                    request = parse(raw)
-                except DecodeError as error:
-                    raise _malformed(method, error) from error
+                request = _admit(gate, method, parse, raw)
                 async for response in behavior(request, namespace):
                     yield response
-            except TurnIdError as error:
-                call.failed(error)
-                await abort(context, error)
             except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
                 call.code = "CANCELLED"
                 raise
             except Exception as error:
-                mapped = _unexpected(method, error)
+                mapped = _mapped(method, error)
                 call.failed(mapped)
                 await abort(context, mapped)
             finally:
