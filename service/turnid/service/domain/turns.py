@@ -41,16 +41,9 @@ class TurnService:
         namespace: str = "",
         expected_last_sequence: int | None = None,
     ) -> Turn:
-        # allocate_batch with count 1, without its coroutine in between.
-        allocation = Allocation(
-            validation.thread_id(thread_id),
-            validation.kind(kind),
-            1,
-            validation.request_id(request_id),
-            namespace=namespace,
-            expected_last_sequence=validation.expected_last_sequence(expected_last_sequence),
+        (turn,) = await self.store.allocate(
+            _allocation(thread_id, kind, 1, request_id, namespace, expected_last_sequence)
         )
-        (turn,) = await self.store.allocate(allocation)
         return turn
 
     async def allocate_batch(
@@ -63,15 +56,9 @@ class TurnService:
         namespace: str = "",
         expected_last_sequence: int | None = None,
     ) -> list[Turn]:
-        allocation = Allocation(
-            validation.thread_id(thread_id),
-            validation.kind(kind),
-            validation.count(count),
-            validation.request_id(request_id),
-            namespace=namespace,
-            expected_last_sequence=validation.expected_last_sequence(expected_last_sequence),
+        return await self.store.allocate(
+            _allocation(thread_id, kind, count, request_id, namespace, expected_last_sequence)
         )
-        return await self.store.allocate(allocation)
 
     async def claim(
         self,
@@ -83,16 +70,9 @@ class TurnService:
         namespace: str = "",
         expected_last_sequence: int | None = None,
     ) -> Turn:
-        allocation = Allocation(
-            validation.thread_id(thread_id),
-            validation.claimable_kind(kind),
-            1,
-            validation.request_id(request_id),
-            claimed_turn_id=validation.claimable_turn_id(turn_id),
-            namespace=namespace,
-            expected_last_sequence=validation.expected_last_sequence(expected_last_sequence),
+        (turn,) = await self.store.allocate(
+            _allocation(thread_id, kind, 1, request_id, namespace, expected_last_sequence, turn_id)
         )
-        (turn,) = await self.store.allocate(allocation)
         return turn
 
     async def get(self, thread_id: str, turn_id: str, *, namespace: str = "") -> Turn:
@@ -158,3 +138,27 @@ class TurnService:
                     if len(turns) == WATCH_PAGE:
                         continue
                 await subscription.wait(feed.fallback_interval)
+
+
+def _allocation(
+    thread_id: str,
+    kind: int,
+    count: int,
+    request_id: str,
+    namespace: str,
+    expected_last_sequence: int | None,
+    claimed_turn_id: str | None = None,
+) -> Allocation:
+    """A validated Allocation (a claim when `claimed_turn_id` is given), fields checked in
+    request order so the first bad field is the one reported."""
+    return Allocation(
+        validation.thread_id(thread_id),
+        validation.kind(kind) if claimed_turn_id is None else validation.claimable_kind(kind),
+        validation.count(count),
+        validation.request_id(request_id),
+        claimed_turn_id=(
+            None if claimed_turn_id is None else validation.claimable_turn_id(claimed_turn_id)
+        ),
+        namespace=namespace,
+        expected_last_sequence=validation.expected_last_sequence(expected_last_sequence),
+    )
