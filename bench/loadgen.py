@@ -21,7 +21,8 @@ start each trial at the same moment and stay connected (and warm) between trials
     -> (EOF)                        exits
 
 Every call allocates a new turn: each in-flight slot has its own conversation thread and sends a
-fresh request_id, as an orchestrator does. Baseline and service are driven by the same code.
+fresh request_id, a UUIDv7 as the client library makes (so the store sees the keys an
+orchestrator's calls bring: time-ordered). Baseline and service are driven by the same code.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+import uuid_utils
 
 from turnid.v1 import turnid_pb2, turnid_pb2_grpc
 
@@ -158,7 +160,6 @@ def _probe_report(methods: dict[str, int], allocations: int, errors: int) -> dic
 
 async def _main(args: argparse.Namespace) -> None:
     prefix = f"{args.tag}-{os.getpid()}"
-    counters = [0] * args.concurrency
     watch_delays: list[int] = []  # watch mode: acknowledgement -> watcher, µs, this trial
     ready: dict[str, Any] = {"ready": True}
     channels: list[grpc.aio.Channel] = []
@@ -248,8 +249,7 @@ async def _main(args: argparse.Namespace) -> None:
         thread_id = _thread_id(args, prefix, index)
         while quota[0] > 0 and time.perf_counter() < stop_at:
             quota[0] -= 1
-            n = counters[index] = counters[index] + 1
-            request_id = f"{prefix}-{index}-{n}"
+            request_id = str(uuid_utils.uuid7())
             started = time.perf_counter_ns()
             try:
                 await call(index, thread_id, request_id)
@@ -390,7 +390,6 @@ def _sync_main(args: argparse.Namespace) -> None:
             **_probe_report(probe_counter.methods, rounds * args.concurrency, probe_errors[0]),
         },
     }
-    counters = [0] * args.concurrency
     lock = threading.Lock()
 
     def run(seconds: float, calls: int) -> dict[str, Any]:
@@ -408,10 +407,9 @@ def _sync_main(args: argparse.Namespace) -> None:
                     if quota[0] <= 0:
                         break
                     quota[0] -= 1
-                n = counters[index] = counters[index] + 1
                 t0 = time.perf_counter_ns()
                 try:
-                    client.allocate(thread_id, kind, request_id=f"{prefix}-{index}-{n}")
+                    client.allocate(thread_id, kind, request_id=str(uuid_utils.uuid7()))
                 except TurnIdError as error:
                     errors += 1
                     if errors == 1:

@@ -202,7 +202,7 @@ async def test_a_version_1_file_migrates_keeping_every_turn_request_and_counter(
     v1 = _v1_file(path)
     store = await opened(path)
     assert store._write_conn is not None
-    assert store._write_conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 2
+    assert store._write_conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 3
     turns_a = v1["a"]
     assert await store.list("", "a", 0, 100) == turns_a
     assert await store.get("", "a", "zz-legacy") == turns_a[3]
@@ -487,6 +487,51 @@ async def test_groups_are_bounded_by_turns(opened: Callable[..., Any]) -> None:
     assert sum(turns for _, turns, _ in commits) == 10_000
     assert (store.commits, store.allocations, store.turns) == (len(commits), 10, 10_000)
     assert (store.last_group_allocations, store.last_group_turns) == commits[-1][:2]
+
+
+async def test_a_group_on_many_threads_writes_the_id_keyed_b_trees_at_their_edge(
+    tmp_path: Path, opened: Callable[..., Any]
+) -> None:
+    """Schema 3: the turn_id index and the requests key lead with the (time-ordered) id, so a
+    commit of one allocation on each of N long threads dirties only the right edge of those
+    two B-trees, where thread-leading keys dirtied a leaf per thread in each (every page a
+    WAL frame). The turns themselves still take a leaf per thread."""
+    path = tmp_path / "t.db"
+    store = await opened(path)
+    threads = [f"thread-{i:03d}" for i in range(32)]
+    for _ in range(24):  # 96 turns and 24 requests per thread: each spans leaves of its own
+        await asyncio.gather(
+            *(store.allocate(Allocation(t, REALTIME, 4, str(uuid_utils.uuid7()))) for t in threads)
+        )
+    observer = sqlite3.connect(path, isolation_level=None)
+    try:
+        try:
+            pages = dict(observer.execute("SELECT pageno, name FROM dbstat").fetchall())
+        except sqlite3.OperationalError as error:
+            pytest.skip(f"this SQLite has no dbstat table to tell pages apart: {error}")
+        observer.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the WAL starts empty
+        (page_size,) = observer.execute("PRAGMA page_size").fetchone()
+        commits = store.commits
+        await asyncio.gather(
+            *(store.allocate(Allocation(t, REALTIME, 1, str(uuid_utils.uuid7()))) for t in threads)
+        )
+        assert store.commits == commits + 1  # one group
+        wal = await asyncio.to_thread(Path(f"{path}-wal").read_bytes)
+    finally:
+        observer.close()
+    written = [
+        int.from_bytes(wal[offset : offset + 4], "big")  # a frame's header: its page number
+        for offset in range(32, len(wal), page_size + 24)
+    ]
+    by_tree: dict[str, int] = {}
+    for page in written:
+        name = pages.get(page, "new pages")
+        by_tree[name] = by_tree.get(name, 0) + 1
+    assert by_tree.get("turns", 0) >= len(threads), by_tree
+    id_keyed = sum(
+        n for name, n in by_tree.items() if name.startswith(("sqlite_autoindex_turns", "requests"))
+    )
+    assert id_keyed <= 6, by_tree
 
 
 async def test_groups_are_bounded_by_time_under_the_lock(

@@ -173,6 +173,49 @@ MIGRATIONS: Sequence[str] = (
     ALTER TABLE turns_v2 RENAME TO turns;
     ALTER TABLE requests_v2 RENAME TO requests
     """,
+    # 3: the turn_id index and the requests key lead with the id instead of the thread. A group
+    # commit of N allocations on N threads dirtied one leaf per thread in each of the three
+    # B-trees (every leaf a WAL frame: two pwrites, checksummed); with UUIDv7 turn ids and
+    # request ids (what turnid mints and what its clients send) the new keys of a commit sit
+    # side by side at the right edge of their B-tree, a leaf or two for the whole group.
+    # Every lookup is by the whole key, so the order of its columns changes no query.
+    """
+    CREATE TABLE turns_v3 (
+        namespace      TEXT NOT NULL,
+        thread_id      TEXT NOT NULL,
+        sequence       INTEGER NOT NULL,
+        turn_id        TEXT NOT NULL,
+        kind           INTEGER NOT NULL,
+        request_id     TEXT NOT NULL,
+        claimed        INTEGER NOT NULL,
+        create_time_us INTEGER NOT NULL,
+        PRIMARY KEY (namespace, thread_id, sequence),
+        UNIQUE (turn_id, namespace, thread_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE requests_v3 (
+        namespace       TEXT NOT NULL,
+        thread_id       TEXT NOT NULL,
+        request_id      TEXT NOT NULL,
+        kind            INTEGER NOT NULL,
+        count           INTEGER NOT NULL,
+        claimed_turn_id TEXT,
+        first_sequence  INTEGER NOT NULL,
+        PRIMARY KEY (request_id, namespace, thread_id)
+    ) WITHOUT ROWID;
+    INSERT INTO turns_v3 (namespace, thread_id, sequence, turn_id, kind, request_id, claimed,
+                          create_time_us)
+        SELECT namespace, thread_id, sequence, turn_id, kind, request_id, claimed,
+            create_time_us
+        FROM turns;
+    INSERT INTO requests_v3 (namespace, thread_id, request_id, kind, count, claimed_turn_id,
+                             first_sequence)
+        SELECT namespace, thread_id, request_id, kind, count, claimed_turn_id, first_sequence
+        FROM requests;
+    DROP TABLE turns;
+    DROP TABLE requests;
+    ALTER TABLE turns_v3 RENAME TO turns;
+    ALTER TABLE requests_v3 RENAME TO requests
+    """,
 )
 
 _TURN_COLUMNS = "thread_id, turn_id, kind, sequence, create_time_us, request_id, claimed"
