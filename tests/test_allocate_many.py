@@ -26,7 +26,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from turnid.service.config import ServerConfig
-from turnid.service.domain import TurnService
 from turnid.service.server import TurnIdServer
 from turnid.service.servicer import MAX_MANY_ITEMS, MAX_MANY_TURNS, CallRecord
 from turnid.v1 import turnid_pb2 as pb
@@ -259,15 +258,21 @@ async def test_an_unexpected_failure_is_that_items_internal_error(
     thread_id: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _, stub, _ = served
-    original = TurnService.allocate
+    server, stub, _ = served
+    original = server.store.allocate_many
 
-    async def broken(self: TurnService, thread: str, *args: Any, **kwargs: Any) -> Any:
-        if thread.endswith("-broken"):
-            raise RuntimeError("sqlite3.OperationalError: secret internals")
-        return await original(self, thread, *args, **kwargs)
+    async def broken(allocations: Any) -> list[Any]:
+        # A store whose allocate() of one allocation failed with what no one foresaw.
+        results = await original([a for a in allocations if not a.thread_id.endswith("-broken")])
+        answers = iter(results)
+        return [
+            RuntimeError("sqlite3.OperationalError: secret internals")
+            if a.thread_id.endswith("-broken")
+            else next(answers)
+            for a in allocations
+        ]
 
-    monkeypatch.setattr(TurnService, "allocate", broken)
+    monkeypatch.setattr(server.store, "allocate_many", broken)
     items = [allocate(f"{thread_id}-broken"), allocate(thread_id)]
     response = await stub.AllocateMany(pb.AllocateManyRequest(items=items), timeout=TIMEOUT)
     code, reason, metadata, _ = reason_of(response.results[0].status)

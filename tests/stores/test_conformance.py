@@ -220,6 +220,45 @@ async def test_a_refused_request_does_not_disturb_its_neighbours(
     ]
 
 
+async def test_allocate_many_answers_each_allocation_as_allocate_would(
+    store: Store, thread_id: str
+) -> None:
+    await store.allocate(A(thread_id, USER, 1, claimed_turn_id="taken"))
+    (first,) = await store.allocate(A(thread_id, COMPACTION, 1, "r-first"))
+    other = f"{thread_id}-other"
+    outcomes = await store.allocate_many(
+        [
+            A(thread_id, REALTIME, 1, "r-new"),
+            A(thread_id, USER, 1, claimed_turn_id="taken"),  # refused: TURN_ID_TAKEN
+            A(thread_id, COMPACTION, 1, "r-first"),  # a retry: the original turn
+            A(thread_id, REALTIME, 2, "r-first"),  # refused: REQUEST_ID_REUSED
+            A(other, COMPACTION, 2, expected_last_sequence=0),
+            A(other, COMPACTION, 1, expected_last_sequence=0),  # refused: THREAD_ADVANCED
+            A(thread_id, COMPACTION, 1),
+        ]
+    )
+    assert len(outcomes) == 7
+    refused = {i: o.reason for i, o in enumerate(outcomes) if isinstance(o, TurnIdError)}
+    assert refused == {1: "TURN_ID_TAKEN", 3: "REQUEST_ID_REUSED", 5: "THREAD_ADVANCED"}
+    granted = [o for o in outcomes if isinstance(o, list)]
+    assert len(granted) == 4
+    realtime, replay, others, compaction = granted
+    assert replay == [first]
+    assert [t.turn_id for t in others] == ["auto-compact-0", "auto-compact-1"]
+    assert [t.sequence for t in others] == [1, 2]
+    # The granted ones are in the thread, gap-free, once each; the refused wrote nothing.
+    turns = await all_turns(store, thread_id)
+    assert [t.sequence for t in turns] == [1, 2, 3, 4]
+    assert {t.turn_id for t in turns} == {
+        "taken",
+        first.turn_id,
+        realtime[0].turn_id,
+        compaction[0].turn_id,
+    }
+    assert compaction[0].turn_id == "auto-compact-1"
+    assert await all_turns(store, other) == others
+
+
 async def test_everything_survives_a_reopen(store_factory: StoreFactory, thread_id: str) -> None:
     if not store_factory.durable:  # type: ignore[attr-defined]
         pytest.skip("the memory store keeps nothing")

@@ -34,6 +34,7 @@ from turnid.service.domain import (
     TurnIdError,
     TurnService,
     WatchUpdate,
+    WriteRequest,
     validation,
 )
 from turnid.service.domain.errors import internal_error, invalid_field, shutting_down
@@ -380,57 +381,63 @@ class TurnIdServicer:
             await updates.aclose()
 
     async def AllocateMany(self, request: Any, namespace: str) -> Any:
-        """Many independent allocations in one call: the items run concurrently through the
-        TurnService (so the store takes them as one group commit), each answered with its
-        turns or its own status; the observers hear of each item as of its unary call."""
+        """Many independent allocations in one call: the items go to the TurnService together
+        (so the store takes them as one group commit, with no task per item), each answered
+        with its turns or its own status; the observers hear of each item as of its unary
+        call."""
         items = request.items
         _check_many(items)
-        if len(items) == 1:
-            outcomes = [await self._many_item(items[0], namespace)]
-        else:
-            outcomes = await asyncio.gather(*(self._many_item(item, namespace) for item in items))
-        response = turnid_pb2.AllocateManyResponse()
-        for turns, status in outcomes:
-            result = response.results.add()
-            if status is None:
-                add_turns(result.turns, turns)
-            else:
-                result.status.code = status.code
-                result.status.message = status.message
-                result.status.details.extend(status.details)
-        return response
-
-    async def _many_item(
-        self, item: Any, namespace: str
-    ) -> tuple[list[Turn], status_pb2.Status | None]:
-        call = _Call()
-        which = item.WhichOneof("request")
-        method = _MANY_METHODS.get(which or "", "AllocateMany")
-        try:
+        calls: list[tuple[_Call, str]] = []
+        writes: list[WriteRequest] = []
+        outcomes: list[list[Turn] | Exception] = []
+        for item in items:
+            call = _Call()
+            which = item.WhichOneof("request")
+            calls.append((call, _MANY_METHODS.get(which or "", "AllocateMany")))
             if which is None:
-                raise invalid_field(
-                    "INVALID_ITEM", "items", "an AllocateMany item must hold one request"
+                outcomes.append(
+                    invalid_field(
+                        "INVALID_ITEM", "items", "an AllocateMany item must hold one request"
+                    )
                 )
+                continue
             sub = getattr(item, which)
             call.request_id = sub.request_id
             call.kind = sub.kind
             if which == "batch_allocate":
                 call.count = sub.count
-            return await self._write(which, sub, namespace), None
-        except TurnIdError as error:
-            call.failed(error)
-            return [], error_to_status(error)
+            writes.append(_write_request(which, sub, namespace))
+            outcomes.append([])  # the TurnService's answer goes here
+        try:
+            if writes:
+                answers = iter(await self._turns.allocate_many(writes))
+                outcomes = [
+                    next(answers) if isinstance(outcome, list) else outcome for outcome in outcomes
+                ]
+            response = turnid_pb2.AllocateManyResponse()
+            for (call, method), outcome in zip(calls, outcomes, strict=True):
+                result = response.results.add()
+                if isinstance(outcome, list):
+                    add_turns(result.turns, outcome)
+                    continue
+                error = (
+                    outcome if isinstance(outcome, TurnIdError) else _unexpected(method, outcome)
+                )
+                call.failed(error)
+                status = error_to_status(error)
+                result.status.code = status.code
+                result.status.message = status.message
+                result.status.details.extend(status.details)
+            return response
         except asyncio.CancelledError:
-            call.code = "CANCELLED"
+            for call, _ in calls:
+                call.code = "CANCELLED"
             raise
-        except Exception as error:
-            mapped = _unexpected(method, error)
-            call.failed(mapped)
-            return [], error_to_status(mapped)
         finally:
             if self.observers:
                 # The behavior has no ServicerContext: an item's peer reads as "".
-                self._notify(call, method, namespace, None)
+                for call, method in calls:
+                    self._notify(call, method, namespace, None)
 
     def _notify(self, call: _Call, method: str, namespace: str, context: Any) -> None:
         """Tell the observers how a call (or an AllocateMany item) ended."""
@@ -564,6 +571,19 @@ def _request_fields(parse: Callable[[bytes], Any]) -> frozenset[str] | None:
     descriptor = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
     fields = getattr(descriptor, "fields_by_name", None)
     return None if fields is None else frozenset(fields)
+
+
+def _write_request(which: str, request: Any, namespace: str) -> WriteRequest:
+    """The domain's WriteRequest for an AllocateMany item (`which`: its oneof field)."""
+    return WriteRequest(
+        request.thread_id,
+        request.kind,
+        request.count if which == "batch_allocate" else 1,
+        request.request_id,
+        namespace,
+        _expected(request),
+        request.turn_id if which == "claim" else None,
+    )
 
 
 def _expected(request: Any) -> int | None:

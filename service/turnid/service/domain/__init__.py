@@ -11,7 +11,7 @@ from turnid.service.domain.model import (
     Turn,
     TurnKind,
 )
-from turnid.service.domain.turns import TurnService, WatchUpdate
+from turnid.service.domain.turns import TurnService, WatchUpdate, WriteRequest
 from turnid.service.domain.watch import ChangeFeed
 
 __all__ = [
@@ -30,5 +30,6 @@ __all__ = [
     "TurnKind",
     "TurnService",
     "WatchUpdate",
+    "WriteRequest",
     "decide",
 ]

@@ -6,6 +6,8 @@ conformance suite in tests/stores/ holds each store to it.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
 from typing import Protocol
 
 from turnid.service.domain.model import Allocation, ThreadInfo, Turn
@@ -31,6 +33,14 @@ class Store(Protocol):
         """
         ...
 
+    async def allocate_many(
+        self, allocations: Sequence[Allocation]
+    ) -> list[list[Turn] | Exception]:
+        """allocate() of each allocation, all at once (where the store groups commits, in one
+        group): each result is the allocation's turns, or the exception its allocate() would
+        have raised. Independent: one refused allocation does not hold back the others."""
+        ...
+
     async def get(self, namespace: str, thread_id: str, turn_id: str) -> Turn | None: ...
 
     async def list(
@@ -42,3 +52,27 @@ class Store(Protocol):
     async def get_thread(self, namespace: str, thread_id: str) -> ThreadInfo | None:
         """Where the thread stands; None when it has no turns."""
         ...
+
+
+async def settle_all(
+    outcomes: Sequence[asyncio.Future[list[Turn]] | Exception],
+) -> list[list[Turn] | Exception]:
+    """For a store's allocate_many: wait for the futures among `outcomes` (an allocation's
+    queued future, or its refusal at the door) and return each one's turns or exception. One
+    wait for all, no task per allocation."""
+    futures = [outcome for outcome in outcomes if not isinstance(outcome, Exception)]
+    if futures:
+        await asyncio.gather(*futures, return_exceptions=True)
+    results: list[list[Turn] | Exception] = []
+    for outcome in outcomes:
+        if isinstance(outcome, Exception):
+            results.append(outcome)
+            continue
+        error = outcome.exception()
+        if error is None:
+            results.append(outcome.result())
+        elif isinstance(error, Exception):
+            results.append(error)
+        else:
+            raise error
+    return results

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from turnid.service.domain import paging, validation
-from turnid.service.domain.errors import thread_not_found, turn_not_found
+from turnid.service.domain.errors import TurnIdError, thread_not_found, turn_not_found
 from turnid.service.domain.model import Allocation, ThreadInfo, Turn
 from turnid.service.domain.store import Store
 
@@ -26,6 +26,20 @@ class WatchUpdate:
 
     turns: list[Turn]
     caught_up: bool
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRequest:
+    """One write as it was asked for, not validated yet: an allocation of `count` turns, or a
+    claim of `claimed_turn_id` (not None)."""
+
+    thread_id: str
+    kind: int
+    count: int = 1
+    request_id: str = ""
+    namespace: str = ""
+    expected_last_sequence: int | None = None
+    claimed_turn_id: str | None = None
 
 
 class TurnService:
@@ -74,6 +88,36 @@ class TurnService:
             _allocation(thread_id, kind, 1, request_id, namespace, expected_last_sequence, turn_id)
         )
         return turn
+
+    async def allocate_many(self, requests: Sequence[WriteRequest]) -> list[list[Turn] | Exception]:
+        """Independent writes at once (the store takes them as one group where it groups):
+        each result is the write's turns, or the exception (a TurnIdError for a refusal) that
+        the write alone would have raised."""
+        results: list[list[Turn] | Exception] = []
+        valid: list[Allocation] = []
+        where: list[int] = []
+        for index, request in enumerate(requests):
+            try:
+                valid.append(
+                    _allocation(
+                        request.thread_id,
+                        request.kind,
+                        request.count,
+                        request.request_id,
+                        request.namespace,
+                        request.expected_last_sequence,
+                        request.claimed_turn_id,
+                    )
+                )
+            except TurnIdError as error:
+                results.append(error)
+                continue
+            results.append([])  # the store's answer goes here
+            where.append(index)
+        if valid:
+            for index, outcome in zip(where, await self.store.allocate_many(valid), strict=True):
+                results[index] = outcome
+        return results
 
     async def get(self, thread_id: str, turn_id: str, *, namespace: str = "") -> Turn:
         turn = await self.store.get(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from turnid.service.domain.allocation import Replay, decide
@@ -37,7 +38,21 @@ class MemoryStore:
         self.changes.close()
 
     async def allocate(self, allocation: Allocation) -> list[Turn]:
-        # No await inside: on one event loop this runs as one atomic step, the thread's
+        return self._allocate(allocation)
+
+    async def allocate_many(
+        self, allocations: Sequence[Allocation]
+    ) -> list[list[Turn] | Exception]:
+        results: list[list[Turn] | Exception] = []
+        for allocation in allocations:
+            try:
+                results.append(self._allocate(allocation))
+            except Exception as error:
+                results.append(error)
+        return results
+
+    def _allocate(self, allocation: Allocation) -> list[Turn]:
+        # Not a coroutine: on one event loop this runs as one atomic step, the thread's
         # serialization point.
         key = (allocation.namespace, allocation.thread_id)
         thread = self._threads.get(key) or _Thread()

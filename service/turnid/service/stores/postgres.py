@@ -84,6 +84,7 @@ from turnid.service.domain.model import (
     Turn,
     TurnKind,
 )
+from turnid.service.domain.store import settle_all
 from turnid.service.domain.watch import ChangeFeed, ThreadKey
 
 log = logging.getLogger("turnid.postgres")
@@ -704,6 +705,21 @@ class PostgresStore:
     # allocations in it decided one after the other), at most `max_batches` in flight.
 
     async def allocate(self, allocation: Allocation) -> list[Turn]:
+        return await self._enqueue(allocation)
+
+    async def allocate_many(
+        self, allocations: Sequence[Allocation]
+    ) -> list[list[Turn] | Exception]:
+        outcomes: list[asyncio.Future[list[Turn]] | Exception] = []
+        for allocation in allocations:
+            try:
+                outcomes.append(self._enqueue(allocation))
+            except TurnIdError as refused:  # closed, or no pool
+                outcomes.append(refused)
+        return await settle_all(outcomes)
+
+    def _enqueue(self, allocation: Allocation) -> asyncio.Future[list[Turn]]:
+        """Queue an allocation for a batch: its future has its turns once committed."""
         if self._closed:
             raise store_unavailable("store is closed")
         self._require_pool()
@@ -715,7 +731,7 @@ class PostgresStore:
         else:
             queue.append(queued)
         self._wake()
-        return await queued.future
+        return queued.future
 
     def _wake(self) -> None:
         """Something is queued: start a batch now if none is in flight; if some are, start

@@ -76,6 +76,7 @@ from turnid.service.domain.model import (
     Turn,
     TurnKind,
 )
+from turnid.service.domain.store import settle_all
 from turnid.service.domain.watch import ChangeFeed, ThreadKey
 
 # Forward-only migrations; PRAGMA user_version counts how many have been applied. Each script
@@ -814,6 +815,21 @@ class SqliteStore:
     # --- writes: group commit -------------------------------------------------------------
 
     async def allocate(self, allocation: Allocation) -> list[Turn]:
+        return await self._enqueue(allocation)
+
+    async def allocate_many(
+        self, allocations: Sequence[Allocation]
+    ) -> list[list[Turn] | Exception]:
+        outcomes: list[asyncio.Future[list[Turn]] | Exception] = []
+        for allocation in allocations:
+            try:
+                outcomes.append(self._enqueue(allocation))
+            except TurnIdError as refused:  # closing, or the queue is full
+                outcomes.append(refused)
+        return await settle_all(outcomes)
+
+    def _enqueue(self, allocation: Allocation) -> asyncio.Future[list[Turn]]:
+        """Queue an allocation for the writer: its future has its turns once committed."""
         if self._closing or self._write_loop_task is None:
             raise store_unavailable("store is closing" if self._closing else "store is not open")
         if self._pending and self._pending_turns + allocation.count > self._max_pending:
@@ -829,7 +845,7 @@ class SqliteStore:
             if not gathering.done():  # the delay may have run out already
                 gathering.set_result(None)
         self._wakeup.set()
-        return await future
+        return future
 
     def _take_group(self) -> list[_Pending]:
         """The next group: queued allocations whose callers still wait, up to the turn bound
