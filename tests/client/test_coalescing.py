@@ -141,6 +141,11 @@ class Gate:
         # release is set by then).
         for name in ("allocate", "allocate_batch", "claim"):
             monkeypatch.setattr(TurnService, name, self._held(getattr(TurnService, name)))
+        # AllocateMany's writes reach the service together, in one call.
+        if hasattr(TurnService, "allocate_many"):
+            monkeypatch.setattr(
+                TurnService, "allocate_many", self._held_many(TurnService.allocate_many)
+            )
 
     def _held(self, original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def held(service: TurnService, thread_id: str, *args: Any, **kwargs: Any) -> Any:
@@ -151,6 +156,19 @@ class Gate:
                 self.arrived[thread_id].set()
                 await _wait_threadsafe(self._release[thread_id])
             return await original(service, thread_id, *args, **kwargs)
+
+        return held
+
+    def _held_many(self, original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def held(service: TurnService, requests: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.hold_first and not self.first.is_set():
+                self.first.set()
+                await _wait_threadsafe(self._release_first)
+            for thread_id in dict.fromkeys(request.thread_id for request in requests):
+                if thread_id in self._release:
+                    self.arrived[thread_id].set()
+                    await _wait_threadsafe(self._release[thread_id])
+            return await original(service, requests, *args, **kwargs)
 
         return held
 
@@ -449,6 +467,17 @@ async def test_async_an_items_unavailable_is_retried_within_its_deadline(
         return await original(service, thread, *args, **kwargs)
 
     monkeypatch.setattr(TurnService, "allocate", allocate)  # user_input() is an allocate()
+    if hasattr(TurnService, "allocate_many"):  # an AllocateMany's writes, all at once
+        original_many = TurnService.allocate_many
+
+        async def allocate_many(service: TurnService, requests: Any) -> list[Any]:
+            fail = [request.thread_id == flaky and bool(failures) for request in requests]
+            errors = [failures.pop() for failed in fail if failed]
+            rest = [request for request, failed in zip(requests, fail, strict=True) if not failed]
+            answers = iter(await original_many(service, rest) if rest else [])
+            return [errors.pop() if failed else next(answers) for failed in fail]
+
+        monkeypatch.setattr(TurnService, "allocate_many", allocate_many)
     events: list[RetryEvent] = []
     counter = AioCounter()
     async with AsyncTurnIdClient(
