@@ -830,7 +830,12 @@ def _notes(result: Result, ids_per_call: int) -> str:
     return "; ".join(notes)
 
 
-def table(results: list[Result], minting: dict[str, Any], fsync: dict[str, Any]) -> str:
+def table(
+    results: list[Result],
+    minting: dict[str, Any],
+    fsync: dict[str, Any],
+    floor: dict[str, Any] | None = None,
+) -> str:
     lines = [
         "| row | calls/s c32 | x baseline | x baseline CPU | p50 / p99 c1 (ms) "
         "| p50 / p99 c32 (ms) | server CPU µs/call | notes |",
@@ -855,6 +860,14 @@ def table(results: list[Result], minting: dict[str, Any], fsync: dict[str, Any])
             f"| {_ms(result.c32['p50_ms'])} / {_ms(result.c32['p99_ms'])} "
             f"| {result.c32['cpu_us_per_call']:,.0f} | {_notes(result, ids_per_call)} |"
         )
+    if floor is not None:
+        lines.append(
+            f"| floor: answering {floor['turns']:,} fresh turns, no store | | | | | "
+            f"| {_floor_us(floor):,.0f} | in-process CPU µs per response beyond the no-op batch's "
+            f"canned one: building it from turn values "
+            f"{floor['build_and_serialize_us']:,.0f} (serializing the canned one "
+            f"{floor['serialize_canned_us']:,.0f}), minting its ids {floor['mint_us']:,.0f} |"
+        )
     for name, figures in minting.items():
         lines.append(
             f"| minting: {name} | {figures['ids_per_s']:,.0f} ids/s | | | | | "
@@ -868,7 +881,14 @@ def table(results: list[Result], minting: dict[str, Any], fsync: dict[str, Any])
 # --- the targets ------------------------------------------------------------------------------
 
 
-def targets(results: list[Result], fsync: dict[str, Any]) -> list[dict[str, Any]]:
+def _floor_us(floor: dict[str, Any]) -> float:
+    """Server CPU per call that a fresh 1000-turn answer costs over the no-op's canned one."""
+    return float(floor["build_and_serialize_us"] - floor["serialize_canned_us"] + floor["mint_us"])
+
+
+def targets(
+    results: list[Result], fsync: dict[str, Any], floor: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """Every target whose row this run selected: what was measured, met or not."""
     selected = {r.scenario.name: r for r in results}
     checks: list[dict[str, Any]] = []
@@ -936,7 +956,7 @@ def targets(results: list[Result], fsync: dict[str, Any]) -> list[dict[str, Any]
         ["BatchAllocateTurnIds 1000, SQLite", BASELINE_BATCH],
         lambda r, base: (
             f"{r.extra['ratio']:.2f} x ({r.c32['calls_per_s'] * 1000:,.0f} against "
-            f"{base.c32['calls_per_s'] * 1000:,.0f} ids/s)",
+            f"{base.c32['calls_per_s'] * 1000:,.0f} ids/s)" + _batch_bound(base, floor),
             r.extra["ratio"] >= 0.6,
         ),
     )
@@ -968,6 +988,18 @@ def targets(results: list[Result], fsync: dict[str, Any]) -> list[dict[str, Any]
                 }
             )
     return checks
+
+
+def _batch_bound(base: Result, floor: dict[str, Any] | None) -> str:
+    """What the batch floor allows: the no-op batch's CPU per call over that plus the floor."""
+    if floor is None:
+        return ""
+    noop = base.c32["cpu_us_per_call"]
+    bound = noop / (noop + _floor_us(floor))
+    return (
+        f"; the floor alone (a fresh answer, no store: +{_floor_us(floor):,.0f} µs of CPU "
+        f"per call over the no-op's {noop:,.0f}) allows at most {bound:.2f} x"
+    )
 
 
 def _coalesced(result: Result) -> str:
@@ -1160,8 +1192,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 [PYTHON, str(BENCH / "minting.py")], check=True, capture_output=True, text=True
             ).stdout
         )
+        floor = None
+        if any(r.scenario.rpc == "batch" for r in results):
+            print("… batch floor", file=sys.stderr, flush=True)
+            floor = json.loads(
+                subprocess.run(
+                    [PYTHON, str(BENCH / "batch_floor.py")],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
+            )
     fsync = extra["fsync"]
-    checks = targets(results, fsync)
+    checks = targets(results, fsync, floor)
     out = args.out or BENCH / "results" / f"bench-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     raw = {
@@ -1180,6 +1223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for r in results
         ],
         "minting": minting,
+        "batch_floor": floor,
         "targets": checks,
     }
     if "curve" in extra:
@@ -1194,7 +1238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "process, one client)"
     )
     print(heading + "\n")
-    print(table(results, minting, fsync))
+    print(table(results, minting, fsync, floor))
     print("\n**Targets** (this run):\n")
     print(targets_table(checks))
     if "curve" in extra and not any(extra["curve"].values()):
