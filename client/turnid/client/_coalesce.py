@@ -28,6 +28,8 @@ item, and the channel's future callbacks that send the next call); `AsyncCoalesc
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import threading
 import time
 from collections import deque
@@ -117,11 +119,12 @@ def _deadline_error(plan: CallPlan[Any]) -> ItemError:
 class Item:
     """One queued write: its plan, its deadline (time.monotonic()) and its share of a call."""
 
-    __slots__ = ("deadline", "plan", "response_bytes", "size", "turns")
+    __slots__ = ("deadline", "plan", "response_bytes", "since", "size", "turns")
 
     def __init__(self, plan: CallPlan[Any], timeout: float) -> None:
         self.plan = plan
-        self.deadline = time.monotonic() + timeout
+        self.since = time.monotonic()  # when it queued
+        self.deadline = self.since + timeout
         request = plan.request
         if plan.item == "batch_allocate":
             count = request.count
@@ -429,9 +432,15 @@ class AsyncCoalescer:
     """Gathers `AsyncTurnIdClient` writes from the tasks of its event loop (see the module doc).
 
     A write with nothing in flight awaits its own unary call in its own task (cancelling the
-    task cancels it). Otherwise it queues on a future that a sending task resolves (or a timer
-    at its deadline fails); cancelling the waiting task drops the item (not yet sent: it never
-    is; sent: its answer is dropped).
+    task cancels it). Otherwise it queues on a future that a sending task resolves (or the
+    deadline timer fails at its deadline); cancelling the waiting task drops the item (not yet
+    sent: it never is; sent: its answer is dropped).
+
+    Two loop timers serve all the items, not two per item (each TimerHandle, its heap entry
+    and its cancel cost the loop more than the rest of a queued write): the hold timer is due
+    when the oldest queued item has waited MAX_HOLD, the deadline timer at the earliest
+    deadline of the items not yet resolved (kept in a heap of their own, from which resolved
+    items are dropped lazily).
     """
 
     def __init__(
@@ -446,6 +455,14 @@ class AsyncCoalescer:
         self._closed = False
         self.unimplemented = False
         self.calls = [0, 0]  # (unary, AllocateMany) calls sent
+        #: Items waiting for their answer (queued or in a call), and their deadlines: a heap of
+        #: (deadline, order, item), resolved items left in it until popped or pruned.
+        self._waiting = 0
+        self._deadlines: list[tuple[float, int, _AsyncItem[Any]]] = []
+        self._order = itertools.count()
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._deadline_due = 0.0  # when the deadline timer fires (time.monotonic())
+        self._hold_timer: asyncio.TimerHandle | None = None
 
     async def call(self, plan: CallPlan[_T], timeout: float) -> _T:  # noqa: ASYNC109
         if self._closed:
@@ -465,15 +482,60 @@ class AsyncCoalescer:
         future: asyncio.Future[_T] = self._loop.create_future()
         item = _AsyncItem(plan, timeout, future)
         self._queue.append(item)
-        timer = self._loop.call_later(timeout, _expire, item)
+        self._watch_deadline(item)
         self._pump(ended=False)
-        hold = self._loop.call_later(MAX_HOLD, self._release, item) if item.queued else None
+        if item.queued and self._hold_timer is None:
+            self._arm_hold()
+        self._waiting += 1
         try:
             return await future
         finally:
-            timer.cancel()
-            if hold is not None:
-                hold.cancel()
+            self._waiting -= 1
+
+    def _watch_deadline(self, item: _AsyncItem[Any]) -> None:
+        deadlines = self._deadlines
+        if len(deadlines) > 2 * self._waiting + 64:  # mostly resolved items: prune
+            deadlines[:] = [entry for entry in deadlines if not entry[2].future.done()]
+            heapq.heapify(deadlines)
+        heapq.heappush(deadlines, (item.deadline, next(self._order), item))
+        timer = self._deadline_timer
+        if timer is None or item.deadline < self._deadline_due:
+            if timer is not None:
+                timer.cancel()
+            self._arm_deadline(item.deadline)
+
+    def _arm_deadline(self, due: float) -> None:
+        self._deadline_due = due
+        self._deadline_timer = self._loop.call_later(due - time.monotonic(), self._deadlines_passed)
+
+    def _deadlines_passed(self) -> None:
+        """The deadline timer: fail the items whose deadline has passed, wait for the next."""
+        self._deadline_timer = None
+        deadlines = self._deadlines
+        now = time.monotonic()
+        while deadlines and (deadlines[0][0] <= now or deadlines[0][2].future.done()):
+            _expire(heapq.heappop(deadlines)[2])
+        if deadlines:
+            self._arm_deadline(deadlines[0][0])
+
+    def _arm_hold(self) -> None:
+        """Wake when the oldest queued item will have waited MAX_HOLD."""
+        delay = self._queue[0].since + MAX_HOLD - time.monotonic()
+        self._hold_timer = self._loop.call_later(delay, self._held)
+
+    def _held(self) -> None:
+        """The hold timer: if the oldest queued item has waited MAX_HOLD behind calls that have
+        not ended, send what queued (whatever is in flight); then wait for the next oldest."""
+        self._hold_timer = None
+        queue = self._queue
+        while queue and queue[0].future.done():
+            queue.popleft()
+        if not queue or self._closed:
+            return
+        if queue[0].since + MAX_HOLD <= time.monotonic():
+            self._start(take(queue, _live))
+        if queue:
+            self._arm_hold()
 
     def close(self) -> None:
         """Fail the queued writes (closing the channel ends the calls in flight)."""
@@ -482,11 +544,10 @@ class AsyncCoalescer:
             item = self._queue.popleft()
             if not item.future.done():
                 item.future.set_exception(_closed_error())
-
-    def _release(self, item: _AsyncItem[Any]) -> None:
-        """`item` has waited MAX_HOLD behind calls that have not ended: send what queued."""
-        if item.queued and not item.future.done() and not self._closed:
-            self._start(take(self._queue, _live))
+        for timer in (self._hold_timer, self._deadline_timer):
+            if timer is not None:
+                timer.cancel()
+        self._hold_timer = self._deadline_timer = None
 
     def _start(self, batch: list[_AsyncItem[Any]]) -> None:
         if not batch:
@@ -592,4 +653,5 @@ def _fail(item: _AsyncItem[Any], error: BaseException) -> None:
 
 
 def _expire(item: _AsyncItem[Any]) -> None:
-    _fail(item, _deadline_error(item.plan))
+    if not item.future.done():
+        item.future.set_exception(_deadline_error(item.plan))
