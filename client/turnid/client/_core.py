@@ -7,7 +7,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -175,7 +175,7 @@ class RetryLoop:
 _T_co = TypeVar("_T_co", covariant=True)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs 3x, once per call
 class CallPlan(Generic[_T_co]):
     """One logical unary call, built once and run by either client's executor.
 
@@ -313,15 +313,33 @@ def new_request_id() -> str:
     return str(uuid_utils.uuid7())
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: The seconds of a valid google.protobuf.Timestamp (0001-01-01 .. 9999-12-31, as datetime).
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+_KINDS = {kind.value: kind for kind in TurnKind}
+
+
+def timestamp_to_datetime(stamp: Any) -> datetime:
+    """`stamp.ToDatetime(tzinfo=UTC)`, the same value (microseconds, rounded toward zero),
+    without its checks and conversions for a valid stamp (a turn decodes one per turn)."""
+    seconds, nanos = stamp.seconds, stamp.nanos
+    if 0 <= nanos < 1_000_000_000 and _MIN_SECONDS <= seconds <= _MAX_SECONDS:
+        return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
+    result: datetime = stamp.ToDatetime(tzinfo=UTC)  # raises ValueError, as it always did
+    return result
+
+
 def turn_from_proto(proto: Any) -> Turn:
+    number = proto.kind
+    kind = _KINDS.get(number)
     return Turn(
-        thread_id=proto.thread_id,
-        turn_id=proto.turn_id,
-        kind=TurnKind(proto.kind),
-        sequence=proto.sequence,
-        create_time=proto.create_time.ToDatetime(tzinfo=UTC),
-        request_id=proto.request_id,
-        claimed=proto.claimed,
+        proto.thread_id,
+        proto.turn_id,
+        TurnKind(number) if kind is None else kind,
+        proto.sequence,
+        timestamp_to_datetime(proto.create_time),
+        proto.request_id,
+        proto.claimed,
     )
 
 
@@ -331,6 +349,6 @@ def thread_from_proto(proto: Any) -> Thread:
         last_sequence=proto.last_sequence,
         next_compaction_index=proto.next_compaction_index,
         last_turn=turn_from_proto(proto.last_turn) if proto.HasField("last_turn") else None,
-        create_time=proto.create_time.ToDatetime(tzinfo=UTC),
-        update_time=proto.update_time.ToDatetime(tzinfo=UTC),
+        create_time=timestamp_to_datetime(proto.create_time),
+        update_time=timestamp_to_datetime(proto.update_time),
     )

@@ -28,11 +28,11 @@ def _kind_number(kind: TurnKind | int) -> Any:
     return int(kind)
 
 
-def _condition(expected_last_sequence: int | None) -> dict[str, int]:
+def _condition(request: Any, expected_last_sequence: int | None) -> Any:
     # proto3 `optional`: unset unless given, so 0 ("the thread has no turns") stays meaningful.
-    if expected_last_sequence is None:
-        return {}
-    return {"expected_last_sequence": expected_last_sequence}
+    if expected_last_sequence is not None:
+        request.expected_last_sequence = expected_last_sequence
+    return request
 
 
 def _one_turn(response: Any) -> Turn:
@@ -82,11 +82,13 @@ def allocate(
     (THREAD_ADVANCED) with `.last_sequence`. `timeout`: seconds for the call, retries included.
     """
     request_id = request_id or new_request_id()
-    request = turnid_pb2.AllocateTurnIdRequest(
-        thread_id=thread_id,
-        kind=_kind_number(kind),
-        request_id=request_id,
-        **_condition(expected_last_sequence),
+    request = _condition(
+        turnid_pb2.AllocateTurnIdRequest(
+            thread_id=thread_id,
+            kind=_kind_number(kind),
+            request_id=request_id,
+        ),
+        expected_last_sequence,
     )
     return CallPlan(
         "AllocateTurnId",
@@ -165,12 +167,14 @@ def allocate_batch(
     condition for the whole batch).
     """
     request_id = request_id or new_request_id()
-    request = turnid_pb2.BatchAllocateTurnIdsRequest(
-        thread_id=thread_id,
-        kind=_kind_number(kind),
-        count=count,
-        request_id=request_id,
-        **_condition(expected_last_sequence),
+    request = _condition(
+        turnid_pb2.BatchAllocateTurnIdsRequest(
+            thread_id=thread_id,
+            kind=_kind_number(kind),
+            count=count,
+            request_id=request_id,
+        ),
+        expected_last_sequence,
     )
     return CallPlan(
         "BatchAllocateTurnIds",
@@ -197,12 +201,14 @@ def claim(
     `request_id`, `expected_last_sequence` and `timeout` as in `allocate`.
     """
     request_id = request_id or new_request_id()
-    request = turnid_pb2.ClaimTurnIdRequest(
-        thread_id=thread_id,
-        turn_id=turn_id,
-        kind=_kind_number(kind),
-        request_id=request_id,
-        **_condition(expected_last_sequence),
+    request = _condition(
+        turnid_pb2.ClaimTurnIdRequest(
+            thread_id=thread_id,
+            turn_id=turn_id,
+            kind=_kind_number(kind),
+            request_id=request_id,
+        ),
+        expected_last_sequence,
     )
     return CallPlan(
         "ClaimTurnId",
