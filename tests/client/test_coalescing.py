@@ -558,10 +558,11 @@ async def test_async_falls_back_to_unary_for_good_on_unimplemented(
             *(client.user_input(f"{thread_id}-{i}", request_id=f"r-{i}") for i in range(N))
         )
         assert [t.request_id for t in turns] == [f"r-{i}" for i in range(N)]
-        # Every write went unary in the end; one or two AllocateMany calls (the second may
-        # leave before the first's UNIMPLEMENTED comes back) learned that the server has none.
+        # Every write went unary in the end; the AllocateMany calls that left before the first
+        # UNIMPLEMENTED came back (a second one early, a write held past MAX_HOLD on a slow
+        # machine) learned that the server has none.
         many = counter.methods["AllocateMany"]
-        assert counter.methods == {"AllocateTurnId": N, "AllocateMany": many} and many in (1, 2)
+        assert counter.methods == {"AllocateTurnId": N, "AllocateMany": many} and many >= 1
         assert client._coalescer is not None and client._coalescer.unimplemented
         await asyncio.gather(*(client.user_input(f"{thread_id}-{i}") for i in range(N)))
         assert counter.methods == {"AllocateTurnId": 2 * N, "AllocateMany": many}
@@ -734,8 +735,11 @@ def test_sync_falls_back_to_unary_for_good_on_unimplemented(
         )
         assert hold.is_set()
         assert [o.request_id for o in outcomes] == [f"r-{i}" for i in range(N)]
-        many = counter.methods["AllocateMany"]  # a second may leave before UNIMPLEMENTED is back
-        assert counter.methods == {"AllocateTurnId": N, "AllocateMany": many} and many in (1, 2)
+        # More than one may leave before UNIMPLEMENTED is back (a second call early, a write
+        # held past MAX_HOLD in a call of its own on a slow machine); each write still ends up
+        # unary exactly once.
+        many = counter.methods["AllocateMany"]
+        assert counter.methods == {"AllocateTurnId": N, "AllocateMany": many} and many >= 1
         assert client._coalescer is not None and client._coalescer.unimplemented
         run_threads([lambda i=i: client.user_input(f"{thread_id}-{i}") for i in range(8)])
         assert counter.methods == {"AllocateTurnId": N + 8, "AllocateMany": many}
