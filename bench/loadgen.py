@@ -67,7 +67,7 @@ def _describe_client(client: object) -> dict[str, Any]:
     """Public attributes of the client whose names mention coalescing or batching."""
     found: dict[str, Any] = {}
     for name in dir(client):
-        if name.startswith("__") or not any(w in name.lower() for w in ("coalesc", "batch")):
+        if name.startswith("_") or not any(w in name.lower() for w in ("coalesc", "batch")):
             continue
         try:
             value = getattr(client, name)
