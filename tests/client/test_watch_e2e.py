@@ -49,6 +49,12 @@ def test_watch_resumes_across_sigkill_and_restart(tmp_path: Path, thread_id: str
                 client.allocate_batch(thread_id, TurnKind.REALTIME_DELEGATION, 2)
                 seen += [next(watch) for _ in range(3)]
                 assert watch.last_sequence == 6
+            # Seen once in CI under heavy load: ListTurns found nothing listening. Say whether
+            # the second server had exited, and what it logged.
+            assert second.process.poll() is None, (
+                f"the second server exited ({second.process.returncode}): "
+                + "".join(second.log)[-3000:]
+            )
             history = list(client.list_turns(thread_id))
     finally:
         for process in (first, second):
