@@ -52,7 +52,7 @@ proto-check: install
 	rm -rf .proto-check
 
 # Prints one markdown table against a no-op grpc.aio baseline; raw figures go to bench/results/.
-# About 5 minutes on 2 cores (--curve: about 1 more). BENCH_ARGS="--help" lists the knobs; PostgreSQL rows run when
+# About 6 minutes on 2 cores (--curve: about 1 more). BENCH_ARGS="--help" lists the knobs; PostgreSQL rows run when
 # TURNID_BENCH_POSTGRES_DSN (or TURNID_TEST_POSTGRES_DSN) is set.
 bench: install
 	$(PY) bench/run.py $(BENCH_ARGS)
