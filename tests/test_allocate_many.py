@@ -282,6 +282,73 @@ async def test_an_unexpected_failure_is_that_items_internal_error(
     assert response.results[1].turns[0].sequence == 1
 
 
+async def test_a_failure_of_the_whole_store_step_is_each_items_internal_error(
+    served: tuple[TurnIdServer, Any, Recorder],
+    thread_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server, stub, recorder = served
+
+    async def broken(allocations: Any) -> list[Any]:
+        raise RuntimeError("sqlite3.OperationalError: secret internals")
+
+    monkeypatch.setattr(server.store, "allocate_many", broken)
+    items = [allocate(thread_id, request_id="a"), batch(thread_id, 5, request_id="b")]
+    items.append(allocate("bad thread", request_id="c"))
+    recorder.records.clear()
+    response = await stub.AllocateMany(pb.AllocateManyRequest(items=items), timeout=TIMEOUT)
+    reasons = [reason_of(result.status) for result in response.results]
+    assert [(code, reason) for code, reason, _, _ in reasons] == [
+        (code_pb2.INTERNAL, "INTERNAL_ERROR"),
+        (code_pb2.INTERNAL, "INTERNAL_ERROR"),
+        (code_pb2.INVALID_ARGUMENT, "INVALID_THREAD_ID"),
+    ]
+    correlation = [metadata["correlation_id"] for _, _, metadata, _ in reasons[:2]]
+    assert all(correlation) and correlation[0] != correlation[1]
+    assert all("secret" not in result.status.message for result in response.results)
+    by_request = {r.request_id: r for r in recorder.records if r.method != "AllocateMany"}
+    assert {key: (r.code, r.reason) for key, r in by_request.items()} == {
+        "a": ("INTERNAL", "INTERNAL_ERROR"),
+        "b": ("INTERNAL", "INTERNAL_ERROR"),
+        "c": ("INVALID_ARGUMENT", "INVALID_THREAD_ID"),
+    }
+
+
+async def test_a_cancelled_call_cancels_the_waiting_items_and_keeps_the_refused_ones(
+    served: tuple[TurnIdServer, Any, Recorder],
+    thread_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server, stub, _ = served
+    arrived = asyncio.Event()
+
+    async def hanging(allocations: Any) -> list[Any]:
+        arrived.set()
+        await asyncio.Event().wait()  # until the call is cancelled
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(server.store, "allocate_many", hanging)
+    heard = asyncio.Event()
+    records: list[CallRecord] = []
+
+    def observer(record: CallRecord) -> None:
+        records.append(record)
+        if record.method == "AllocateMany":
+            heard.set()
+
+    server.servicer.observers.append(observer)
+    items = [allocate(thread_id, request_id="a"), allocate("bad thread", request_id="b")]
+    call = stub.AllocateMany(pb.AllocateManyRequest(items=items), timeout=TIMEOUT)
+    await asyncio.wait_for(arrived.wait(), TIMEOUT)
+    call.cancel()
+    await asyncio.wait_for(heard.wait(), TIMEOUT)
+    by_request = {r.request_id: r for r in records if r.method != "AllocateMany"}
+    assert {key: (r.code, r.reason) for key, r in by_request.items()} == {
+        "a": ("CANCELLED", ""),
+        "b": ("INVALID_ARGUMENT", "INVALID_THREAD_ID"),
+    }
+
+
 async def test_a_coalesced_call_is_one_sqlite_commit(tmp_path: Path, thread_id: str) -> None:
     server = TurnIdServer(
         ServerConfig(listen="127.0.0.1:0", database=f"sqlite://{tmp_path / 'commit.db'}")

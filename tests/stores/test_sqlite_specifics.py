@@ -4,8 +4,10 @@ faults, several stores (processes) on one file."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -238,6 +240,135 @@ async def test_a_version_1_file_migrates_keeping_every_turn_request_and_counter(
     assert caught.value.reason == "TURN_ID_TAKEN"
     (other,) = await store.allocate(Allocation("b", COMPACTION, 1))
     assert (other.turn_id, other.sequence) == ("auto-compact-1", 2)
+
+
+def _v2_file(path: Path) -> dict[str, list[Turn]]:
+    """A version-2 file: threads of one name in two namespaces, minted, compaction and claimed
+    turns, request records (migration 3 rebuilds turns and requests)."""
+    turns: dict[str, list[Turn]] = {}
+    with sqlite3.connect(path, isolation_level=None) as conn:
+        for script in MIGRATIONS[:2]:
+            for statement in filter(str.strip, script.split(";")):
+                conn.execute(statement)
+        for namespace in ("", "team-b"):
+            minted = [str(uuid_utils.uuid7()) for _ in range(2)]
+            rows = [  # (sequence, turn_id, kind, request_id, claimed)
+                (1, minted[0], 1, f"r-rt-{namespace}", 0),
+                (2, "auto-compact-0", 2, "r-comp", 0),
+                (3, f"claimed-{namespace}", 3, "r-claim", 1),
+                (4, minted[1], 3, "", 0),
+            ]
+            conn.executemany(
+                "INSERT INTO turns (namespace, thread_id, sequence, turn_id, kind, request_id, "
+                "claimed, create_time_us) VALUES (?, 'a', ?, ?, ?, ?, ?, 1000)",
+                [(namespace, *row) for row in rows],
+            )
+            conn.executemany(
+                "INSERT INTO requests (namespace, thread_id, request_id, kind, count, "
+                "claimed_turn_id, first_sequence) VALUES (?, 'a', ?, ?, 1, ?, ?)",
+                [
+                    (namespace, f"r-rt-{namespace}", 1, None, 1),
+                    (namespace, "r-comp", 2, None, 2),
+                    (namespace, "r-claim", 3, f"claimed-{namespace}", 3),
+                ],
+            )
+            conn.execute(
+                "INSERT INTO threads (namespace, thread_id, next_sequence, next_compaction, "
+                "last_minted, max_claimed, create_time_us, update_time_us) "
+                "VALUES (?, 'a', 5, 1, ?, ?, 1000, 1000)",
+                (namespace, minted[1], f"claimed-{namespace}"),
+            )
+            turns[namespace] = [
+                Turn("a", tid, TurnKind(kind), seq, 1000, rid, bool(claimed))
+                for seq, tid, kind, rid, claimed in rows
+            ]
+        conn.execute("PRAGMA user_version=2")
+    return turns
+
+
+async def test_a_version_2_file_migrates_keeping_every_namespace_turn_and_request(
+    tmp_path: Path, opened: Callable[..., Any]
+) -> None:
+    path = tmp_path / "t.db"
+    v2 = _v2_file(path)
+    store = await opened(path)
+    assert store._write_conn is not None
+    conn = store._write_conn
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 3
+    # The id leads the turn_id index and the requests key now.
+    keys = [
+        [row[2] for row in conn.execute(f"PRAGMA index_info('{index[1]}')")]
+        for table in ("turns", "requests")
+        for index in conn.execute(f"PRAGMA index_list('{table}')").fetchall()
+    ]
+    assert sorted(keys) == [
+        ["namespace", "thread_id", "sequence"],
+        ["request_id", "namespace", "thread_id"],
+        ["turn_id", "namespace", "thread_id"],
+    ]
+    for namespace, turns in v2.items():
+        assert await store.list(namespace, "a", 0, 100) == turns
+        for turn in turns:
+            assert await store.get(namespace, "a", turn.turn_id) == turn
+        # Requests replay in their own namespace; a reused one is refused; claims stay taken.
+        replay = Allocation("a", COMPACTION, 1, "r-comp", namespace=namespace)
+        assert await store.allocate(replay) == [turns[1]]
+        reused = Allocation("a", REALTIME, 2, f"r-rt-{namespace}", namespace=namespace)
+        with pytest.raises(TurnIdError) as caught:
+            await store.allocate(reused)
+        assert caught.value.reason == "REQUEST_ID_REUSED"
+        claim = Allocation(
+            "a", USER, 1, claimed_turn_id=f"claimed-{namespace}", namespace=namespace
+        )
+        with pytest.raises(TurnIdError) as caught:
+            await store.allocate(claim)
+        assert caught.value.reason == "TURN_ID_TAKEN"
+        (compaction,) = await store.allocate(Allocation("a", COMPACTION, 1, namespace=namespace))
+        assert (compaction.turn_id, compaction.sequence) == ("auto-compact-1", 5)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_migrate_waits_for_another_process_holding_the_write_lock(tmp_path: Path) -> None:
+    """Past busy_timeout: another process may be migrating the same big file."""
+    path = tmp_path / "t.db"
+    _v2_file(path)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # as another process's migration would
+    waiting = threading.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting for the write lock" in record.getMessage():
+                waiting.set()
+
+    handler = Seen()
+    logger = sqlite_module.log
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    result: list[int | BaseException] = []
+
+    def migrating() -> None:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=0.01)  # busy_timeout 10 ms
+        try:
+            result.append(migrate(conn))
+        except BaseException as error:
+            result.append(error)
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=migrating)
+    try:
+        thread.start()
+        assert waiting.wait(30)  # it found the lock held, past its busy timeout, and waits
+        assert result == []
+        holder.execute("COMMIT")
+        thread.join(30)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        holder.close()
+    assert result == [len(MIGRATIONS)]
 
 
 async def test_a_current_file_is_left_untouched_by_migrate(

@@ -28,6 +28,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from turnid.service.domain import (
+    Allocation,
     ErrorCategory,
     ThreadInfo,
     Turn,
@@ -388,32 +389,40 @@ class TurnIdServicer:
         items = request.items
         _check_many(items)
         calls: list[tuple[_Call, str]] = []
-        writes: list[WriteRequest] = []
         outcomes: list[list[Turn] | Exception] = []
-        for item in items:
+        allocations: list[Allocation] = []
+        waiting: list[int] = []  # the items whose allocation went to the store
+        for index, item in enumerate(items):
             call = _Call()
             which = item.WhichOneof("request")
-            calls.append((call, _MANY_METHODS.get(which or "", "AllocateMany")))
-            if which is None:
-                outcomes.append(
-                    invalid_field(
+            method = _MANY_METHODS.get(which or "", "AllocateMany")
+            calls.append((call, method))
+            try:
+                if which is None:
+                    raise invalid_field(
                         "INVALID_ITEM", "items", "an AllocateMany item must hold one request"
                     )
-                )
+                sub = getattr(item, which)
+                call.request_id = sub.request_id
+                call.kind = sub.kind
+                if which == "batch_allocate":
+                    call.count = sub.count
+                allocations.append(self._turns.allocation(_write_request(which, sub, namespace)))
+            except TurnIdError as refused:  # bad input: known before anything is stored
+                call.failed(refused)
+                outcomes.append(refused)
                 continue
-            sub = getattr(item, which)
-            call.request_id = sub.request_id
-            call.kind = sub.kind
-            if which == "batch_allocate":
-                call.count = sub.count
-            writes.append(_write_request(which, sub, namespace))
-            outcomes.append([])  # the TurnService's answer goes here
+            waiting.append(index)
+            outcomes.append([])  # the store's answer goes here
         try:
-            if writes:
-                answers = iter(await self._turns.allocate_many(writes))
-                outcomes = [
-                    next(answers) if isinstance(outcome, list) else outcome for outcome in outcomes
-                ]
+            if allocations:
+                try:
+                    answers = await self._turns.allocate_many(allocations)
+                except Exception as failed:  # the whole step failed: so did each of its items
+                    answers = [failed] * len(allocations)
+                for index, answer in zip(waiting, answers, strict=True):
+                    outcomes[index] = answer
+                waiting = []
             response = turnid_pb2.AllocateManyResponse()
             for (call, method), outcome in zip(calls, outcomes, strict=True):
                 result = response.results.add()
@@ -430,8 +439,8 @@ class TurnIdServicer:
                 result.status.details.extend(status.details)
             return response
         except asyncio.CancelledError:
-            for call, _ in calls:
-                call.code = "CANCELLED"
+            for index in waiting:  # those refused already keep their outcome
+                calls[index][0].code = "CANCELLED"
             raise
         finally:
             if self.observers:

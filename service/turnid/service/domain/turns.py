@@ -6,7 +6,7 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from turnid.service.domain import paging, validation
-from turnid.service.domain.errors import TurnIdError, thread_not_found, turn_not_found
+from turnid.service.domain.errors import thread_not_found, turn_not_found
 from turnid.service.domain.model import Allocation, ThreadInfo, Turn
 from turnid.service.domain.store import Store
 
@@ -89,35 +89,25 @@ class TurnService:
         )
         return turn
 
-    async def allocate_many(self, requests: Sequence[WriteRequest]) -> list[list[Turn] | Exception]:
-        """Independent writes at once (the store takes them as one group where it groups):
-        each result is the write's turns, or the exception (a TurnIdError for a refusal) that
-        the write alone would have raised."""
-        results: list[list[Turn] | Exception] = []
-        valid: list[Allocation] = []
-        where: list[int] = []
-        for index, request in enumerate(requests):
-            try:
-                valid.append(
-                    _allocation(
-                        request.thread_id,
-                        request.kind,
-                        request.count,
-                        request.request_id,
-                        request.namespace,
-                        request.expected_last_sequence,
-                        request.claimed_turn_id,
-                    )
-                )
-            except TurnIdError as error:
-                results.append(error)
-                continue
-            results.append([])  # the store's answer goes here
-            where.append(index)
-        if valid:
-            for index, outcome in zip(where, await self.store.allocate_many(valid), strict=True):
-                results[index] = outcome
-        return results
+    def allocation(self, request: WriteRequest) -> Allocation:
+        """The validated Allocation of a write (TurnIdError for bad input), for allocate_many."""
+        return _allocation(
+            request.thread_id,
+            request.kind,
+            request.count,
+            request.request_id,
+            request.namespace,
+            request.expected_last_sequence,
+            request.claimed_turn_id,
+        )
+
+    async def allocate_many(
+        self, allocations: Sequence[Allocation]
+    ) -> list[list[Turn] | Exception]:
+        """Independent allocations at once (the store takes them as one group where it groups):
+        each result is the allocation's turns, or the exception (a TurnIdError for a refusal)
+        that allocating it alone would have raised."""
+        return await self.store.allocate_many(allocations)
 
     async def get(self, thread_id: str, turn_id: str, *, namespace: str = "") -> Turn:
         turn = await self.store.get(

@@ -43,10 +43,12 @@ class MemoryStore:
     async def allocate_many(
         self, allocations: Sequence[Allocation]
     ) -> list[list[Turn] | Exception]:
+        # Through allocate(), which never awaits: each is still one atomic step, and a store
+        # built on this one that changes allocate() changes this too.
         results: list[list[Turn] | Exception] = []
         for allocation in allocations:
             try:
-                results.append(self._allocate(allocation))
+                results.append(await self.allocate(allocation))
             except Exception as error:
                 results.append(error)
         return results

@@ -360,6 +360,32 @@ def _set_wal(conn: sqlite3.Connection, deadline: float) -> None:
             time.sleep(0.005)
 
 
+#: How long a process waits for the write lock to migrate, far beyond busy_timeout: another
+#: process may be migrating the same file (`--workers N`, or replicas started together), and a
+#: migration that rebuilds tables takes a while on a big file (schema 3: ~14 s for 600,000
+#: turns on a 2-core VM).
+_MIGRATION_WAIT_S = 600.0
+
+
+def _begin_for_migration(conn: sqlite3.Connection, deadline: float) -> None:
+    """BEGIN IMMEDIATE, retried (each try waits busy_timeout) until `deadline`."""
+    waited = False
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as error:
+            busy = getattr(error, "sqlite_errorname", "").startswith("SQLITE_BUSY")
+            if not busy or time.monotonic() >= deadline:
+                raise
+            if not waited:
+                waited = True
+                log.info(
+                    "sqlite schema migration: waiting for the write lock (another process "
+                    "holds it, maybe migrating the same file)"
+                )
+
+
 def migrate(conn: sqlite3.Connection) -> int:
     """Apply pending migrations under the write lock; returns the schema version.
 
@@ -370,7 +396,7 @@ def migrate(conn: sqlite3.Connection) -> int:
     (version,) = conn.execute("PRAGMA user_version").fetchone()
     if version == target:
         return target
-    conn.execute("BEGIN IMMEDIATE")
+    _begin_for_migration(conn, time.monotonic() + _MIGRATION_WAIT_S)
     try:
         (version,) = conn.execute("PRAGMA user_version").fetchone()  # now under the lock
         if version > target:
