@@ -7,9 +7,10 @@ conformance suite in tests/stores/ holds each store to it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from turnid.service.domain.errors import TurnIdError
 from turnid.service.domain.model import Allocation, ThreadInfo, Turn
 from turnid.service.domain.watch import ChangeFeed
 
@@ -54,12 +55,19 @@ class Store(Protocol):
         ...
 
 
-async def settle_all(
-    outcomes: Sequence[asyncio.Future[list[Turn]] | Exception],
+async def allocate_queued(
+    enqueue: Callable[[Allocation], asyncio.Future[list[Turn]]],
+    allocations: Sequence[Allocation],
 ) -> list[list[Turn] | Exception]:
-    """For a store's allocate_many: wait for the futures among `outcomes` (an allocation's
-    queued future, or its refusal at the door) and return each one's turns or exception. One
-    wait for all, no task per allocation."""
+    """A queueing store's allocate_many: queue each allocation with `enqueue` (its future, or
+    a TurnIdError when refused at the door), then wait for all of them at once (no task per
+    allocation) and return each one's turns or exception."""
+    outcomes: list[asyncio.Future[list[Turn]] | Exception] = []
+    for allocation in allocations:
+        try:
+            outcomes.append(enqueue(allocation))
+        except TurnIdError as refused:  # closing, not open, or the queue is full
+            outcomes.append(refused)
     futures = [outcome for outcome in outcomes if not isinstance(outcome, Exception)]
     if futures:
         await asyncio.gather(*futures, return_exceptions=True)

@@ -84,7 +84,7 @@ from turnid.service.domain.model import (
     Turn,
     TurnKind,
 )
-from turnid.service.domain.store import settle_all
+from turnid.service.domain.store import allocate_queued
 from turnid.service.domain.watch import ChangeFeed, ThreadKey
 
 log = logging.getLogger("turnid.postgres")
@@ -710,13 +710,7 @@ class PostgresStore:
     async def allocate_many(
         self, allocations: Sequence[Allocation]
     ) -> list[list[Turn] | Exception]:
-        outcomes: list[asyncio.Future[list[Turn]] | Exception] = []
-        for allocation in allocations:
-            try:
-                outcomes.append(self._enqueue(allocation))
-            except TurnIdError as refused:  # closed, or no pool
-                outcomes.append(refused)
-        return await settle_all(outcomes)
+        return await allocate_queued(self._enqueue, allocations)
 
     def _enqueue(self, allocation: Allocation) -> asyncio.Future[list[Turn]]:
         """Queue an allocation for a batch: its future has its turns once committed."""

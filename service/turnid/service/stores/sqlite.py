@@ -76,7 +76,7 @@ from turnid.service.domain.model import (
     Turn,
     TurnKind,
 )
-from turnid.service.domain.store import settle_all
+from turnid.service.domain.store import allocate_queued
 from turnid.service.domain.watch import ChangeFeed, ThreadKey
 
 # Forward-only migrations; PRAGMA user_version counts how many have been applied. Each script
@@ -846,13 +846,7 @@ class SqliteStore:
     async def allocate_many(
         self, allocations: Sequence[Allocation]
     ) -> list[list[Turn] | Exception]:
-        outcomes: list[asyncio.Future[list[Turn]] | Exception] = []
-        for allocation in allocations:
-            try:
-                outcomes.append(self._enqueue(allocation))
-            except TurnIdError as refused:  # closing, or the queue is full
-                outcomes.append(refused)
-        return await settle_all(outcomes)
+        return await allocate_queued(self._enqueue, allocations)
 
     def _enqueue(self, allocation: Allocation) -> asyncio.Future[list[Turn]]:
         """Queue an allocation for the writer: its future has its turns once committed."""
