@@ -288,8 +288,8 @@ class TurnIdServicer:
     # --- the RPCs: proto -> domain -> proto ---------------------------------------------------
 
     async def _write(self, which: str, request: Any, namespace: str) -> list[Turn]:
-        """The domain call of one write request (`which`: AllocateMany's item field name), for
-        the unary write RPCs and AllocateMany's items alike."""
+        """The domain call of a unary write RPC (`which`: its AllocateMany item field name;
+        AllocateMany's items go to TurnService.allocate_many together, see `_write_request`)."""
         expected = _expected(request)
         if which == "allocate":
             turn = await self._turns.allocate(
