@@ -31,7 +31,7 @@ from turnid.service.servicer import MAX_MANY_ITEMS, MAX_MANY_TURNS, CallRecord
 from turnid.v1 import turnid_pb2 as pb
 from turnid.v1 import turnid_pb2_grpc
 
-from .grpc_helpers import error_details
+from .grpc_helpers import error_details, status_details
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0
@@ -93,19 +93,8 @@ def reason_of(status: Any) -> tuple[int, str, dict[str, str], list[str]]:
     """(code, ErrorInfo reason, its metadata, BadRequest fields) of an item's Status, parsed
     as the google.rpc.Status it is wire-identical to."""
     parsed = status_pb2.Status.FromString(status.SerializeToString())
-    infos, fields = [], []
-    for detail in parsed.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            infos.append(info)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields.extend(v.field for v in bad.field_violations)
-    assert len(infos) == 1, "exactly one ErrorInfo (AIP-193)"
-    assert infos[0].domain == "turnid"
-    return parsed.code, infos[0].reason, dict(infos[0].metadata), fields
+    info, fields = status_details(parsed)
+    return parsed.code, info.reason, dict(info.metadata), fields
 
 
 async def test_items_are_answered_in_order_each_with_its_turns_or_its_status(
