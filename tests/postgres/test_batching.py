@@ -182,3 +182,28 @@ async def test_a_thread_locked_elsewhere_fails_only_its_allocation(
     assert all(o[0].sequence == 2 for o in outcomes if isinstance(o, list))
     (turn,) = await store.allocate(Allocation(threads[3], USER, 1, "second"))
     assert turn.sequence == 2
+
+
+async def test_a_batch_waiting_for_a_lock_does_not_hold_up_other_threads(
+    make_store: StoreMaker, schema_url: str, thread_id: str
+) -> None:
+    """A batch that the database does not answer (a row lock held elsewhere, here) is stalled:
+    the store starts another batch for the other threads, which commit while it waits."""
+    store = await make_store(lock_timeout_s=20, statement_timeout_s=20)
+    stuck, free = f"{thread_id}-stuck", f"{thread_id}-free"
+    for _ in range(3):  # quick batches first: the stall bound follows how long batches take
+        await asyncio.gather(*(store.allocate(Allocation(t, USER, 1)) for t in (stuck, free)))
+    async with await psycopg.AsyncConnection.connect(schema_url) as holder:
+        await holder.execute(
+            "SELECT 1 FROM threads WHERE namespace = '' AND thread_id = %s FOR UPDATE", (stuck,)
+        )
+        waiting = asyncio.ensure_future(store.allocate(Allocation(stuck, USER, 1, "waits")))
+        async with await psycopg.AsyncConnection.connect(schema_url) as watcher:
+            await _lock_waiters(watcher, 1)
+        # Well within the lock's hold: behind the stalled batch it would wait until rollback.
+        (turn,) = await asyncio.wait_for(store.allocate(Allocation(free, USER, 1, "goes")), 4)
+        assert turn.sequence == 4
+        assert not waiting.done()
+        await holder.rollback()
+    (turn,) = await waiting
+    assert turn.sequence == 4
