@@ -20,6 +20,11 @@ watchers (bench/watchers.py) against the same row without, and the SQLite row wi
 SQLite files live in (4 KiB append + fsync) is sampled between the concurrency-1 rounds, and
 the p50 target is stated in it.
 
+Two floors put the SQLite rows in context, measured beside them: the SQL of a group commit in a
+plain sqlite3 loop on the store's own file and settings (bench/sqlite_floor.py: a lone allocation,
+and a group of 32), and the client row on the memory store (the client path with no commit to
+wait for).
+
 Trials are short and interleaved: each of `--trials` rounds runs one trial of every row, and a
 row's figures are medians over the rounds. Service rows show their throughput as a ratio to the
 baseline row with the same RPC, taken within each round (then the median). Also: in-process minting
@@ -69,6 +74,7 @@ BASELINE = "baseline (no-op grpc.aio)"
 BASELINE_BATCH = "baseline batch 1000 (no-op grpc.aio)"
 SQLITE_REALTIME = "AllocateTurnId realtime, SQLite"
 CLIENT_ASYNC_SQLITE = "client AsyncTurnIdClient, SQLite"
+CLIENT_ASYNC_MEMORY = "client AsyncTurnIdClient, memory:"
 CLIENT_SYNC_SQLITE = "client TurnIdClient, threads, SQLite"
 # The rows of --curve: calls/s and p99 against concurrency.
 CURVE_ROWS = (BASELINE, SQLITE_REALTIME, CLIENT_ASYNC_SQLITE)
@@ -835,6 +841,7 @@ def table(
     minting: dict[str, Any],
     fsync: dict[str, Any],
     floor: dict[str, Any] | None = None,
+    sqlite_floor: dict[str, Any] | None = None,
 ) -> str:
     lines = [
         "| row | calls/s c32 | x baseline | x baseline CPU | p50 / p99 c1 (ms) "
@@ -859,6 +866,18 @@ def table(
             f"| {_ms(result.c1['p50_ms'])} / {_ms(result.c1['p99_ms'])} "
             f"| {_ms(result.c32['p50_ms'])} / {_ms(result.c32['p99_ms'])} "
             f"| {result.c32['cpu_us_per_call']:,.0f} | {_notes(result, ids_per_call)} |"
+        )
+    if sqlite_floor is not None:
+        lone, group = sqlite_floor["lone"], sqlite_floor["group"]
+        lines.append(
+            f"| floor: the SQL of a SQLite group commit, no service | | | "
+            f"| {_ms(lone['wall_us'] / 1000)} | | {lone['cpu_us']:,.0f} "
+            f"| a plain sqlite3 loop on the store's file and settings (bench/sqlite_floor.py), "
+            f"beside the SQLite rows' files: BEGIN IMMEDIATE, prefetch, 3 multi-row inserts, "
+            f"COMMIT; a lone allocation {lone['wall_us']:,.0f} µs wall, {lone['cpu_us']:,.0f} "
+            f"µs CPU; a group of {group['allocations']} on {group['allocations']} threads "
+            f"{group['wall_us']:,.0f} µs wall, {group['cpu_us'] / group['allocations']:,.0f} "
+            f"µs CPU per allocation |"
         )
     if floor is not None:
         lines.append(
@@ -887,7 +906,10 @@ def _floor_us(floor: dict[str, Any]) -> float:
 
 
 def targets(
-    results: list[Result], fsync: dict[str, Any], floor: dict[str, Any] | None = None
+    results: list[Result],
+    fsync: dict[str, Any],
+    floor: dict[str, Any] | None = None,
+    sqlite_floor: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Every target whose row this run selected: what was measured, met or not."""
     selected = {r.scenario.name: r for r in results}
@@ -926,7 +948,8 @@ def targets(
         [CLIENT_ASYNC_SQLITE],
         lambda r: (
             f"{r.extra['ratio']:.2f} x calls/s, server CPU per allocation "
-            f"{1 / r.extra['cpu_ratio']:.2f} x baseline's ({_coalesced(r)})",
+            f"{1 / r.extra['cpu_ratio']:.2f} x baseline's ({_coalesced(r)})"
+            + _without_store(selected.get(CLIENT_ASYNC_MEMORY)),
             r.extra["ratio"] >= 4 and 1 / r.extra["cpu_ratio"] <= 0.25,
         ),
     )
@@ -947,7 +970,7 @@ def targets(
             [name],
             lambda r, limit=limit: (
                 f"+{r.extra['c1_p50_delta_ms']:.2f} ms (limit +{limit:.2f} ms: fsync p50 "
-                f"{fsync['p50_ms']:.2f} ms)",
+                f"{fsync['p50_ms']:.2f} ms)" + _sqlite_bound(sqlite_floor),
                 r.extra["c1_p50_delta_ms"] <= limit,
             ),
         )
@@ -999,6 +1022,27 @@ def _batch_bound(base: Result, floor: dict[str, Any] | None) -> str:
     return (
         f"; the floor alone (a fresh answer, no store: +{_floor_us(floor):,.0f} µs of CPU "
         f"per call over the no-op's {noop:,.0f}) allows at most {bound:.2f} x"
+    )
+
+
+def _without_store(memory: Result | None) -> str:
+    """The same client row on the memory store: the client path where no commit waits."""
+    if memory is None or "ratio" not in memory.extra:
+        return ""
+    return (
+        f"; on the memory store, the same client: {memory.extra['ratio']:.2f} x calls/s, "
+        f"{1 / memory.extra['cpu_ratio']:.2f} x CPU"
+    )
+
+
+def _sqlite_bound(sqlite_floor: dict[str, Any] | None) -> str:
+    """What the SQL of one allocation's transaction takes alone (the SQLite floor row)."""
+    if sqlite_floor is None:
+        return ""
+    lone = sqlite_floor["lone"]
+    return (
+        f"; its SQL alone in a plain sqlite3 loop: {lone['wall_us'] / 1000:.2f} ms, "
+        f"{lone['cpu_us'] / 1000:.2f} ms of it CPU"
     )
 
 
@@ -1107,6 +1151,7 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
             "sqlite",
             workers=args.workers,
         ),
+        Scenario(CLIENT_ASYNC_MEMORY, "memory:", mode="client-async"),
         Scenario(CLIENT_ASYNC_SQLITE, "sqlite", mode="client-async"),
         Scenario(CLIENT_SYNC_SQLITE, "sqlite", mode="client-sync"),
         Scenario("WatchTurns delivery, SQLite", "sqlite", mode="watch"),
@@ -1192,6 +1237,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 [PYTHON, str(BENCH / "minting.py")], check=True, capture_output=True, text=True
             ).stdout
         )
+        sqlite_floor = None
+        if any(r.scenario.server == "sqlite" for r in results):
+            print("… SQLite floor", file=sys.stderr, flush=True)
+            sqlite_floor = json.loads(
+                subprocess.run(
+                    [PYTHON, str(BENCH / "sqlite_floor.py"), "--dir", tmp],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
+            )
         floor = None
         if any(r.scenario.rpc == "batch" for r in results):
             print("… batch floor", file=sys.stderr, flush=True)
@@ -1204,7 +1260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ).stdout
             )
     fsync = extra["fsync"]
-    checks = targets(results, fsync, floor)
+    checks = targets(results, fsync, floor, sqlite_floor)
     out = args.out or BENCH / "results" / f"bench-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     raw = {
@@ -1224,6 +1280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ],
         "minting": minting,
         "batch_floor": floor,
+        "sqlite_floor": sqlite_floor,
         "targets": checks,
     }
     if "curve" in extra:
@@ -1238,7 +1295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "process, one client)"
     )
     print(heading + "\n")
-    print(table(results, minting, fsync, floor))
+    print(table(results, minting, fsync, floor, sqlite_floor))
     print("\n**Targets** (this run):\n")
     print(targets_table(checks))
     if "curve" in extra and not any(extra["curve"].values()):
