@@ -46,9 +46,11 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 class Recorder:
     def __init__(self) -> None:
         self.records: list[CallRecord] = []
+        self.peers: dict[str, str] = {}  # request_id -> peer, read while the call is alive
 
     def __call__(self, record: CallRecord) -> None:
         self.records.append(record)
+        self.peers[record.request_id] = record.peer
 
 
 @pytest.fixture
@@ -237,7 +239,9 @@ async def test_the_observers_hear_of_each_item_as_of_its_unary_call(
         "c": ("ClaimTurnId", "OK", "", USER, 1),
         "d": ("AllocateTurnId", "INVALID_ARGUMENT", "INVALID_THREAD_ID", REALTIME, 1),
     }
-    assert all(r.namespace == "" and r.peer == "" for r in by_request.values())
+    assert all(r.namespace == "" for r in by_request.values())
+    # Each item's peer is the AllocateMany call's: the address this test connects from.
+    assert all(recorder.peers[key].startswith("ipv4:127.0.0.1:") for key in by_request)
     calls = [r for r in recorder.records if r.method == "AllocateMany"]
     assert len(calls) == 1 and calls[0].code == "OK"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import inspect
 import logging
 import time
 import uuid
@@ -156,7 +157,9 @@ class CallRecord:
     namespace: str
     duration_s: float
     correlation_id: str
-    context: Any  # the call's ServicerContext: `peer` reads it only when asked
+    # The call's ServicerContext: `peer` reads it only when asked, and only while the observer
+    # runs (the call is still alive then; gRPC may crash on a context read after the call).
+    context: Any
     kind: int = 0  # the request's TurnKind number (0 for reads)
     count: int = 1  # turns asked for (BatchAllocateTurnIds' count, else 1)
 
@@ -381,7 +384,7 @@ class TurnIdServicer:
                     await following
             await updates.aclose()
 
-    async def AllocateMany(self, request: Any, namespace: str) -> Any:
+    async def AllocateMany(self, request: Any, namespace: str, context: Any = None) -> Any:
         """Many independent allocations in one call: the items go to the TurnService together
         (so the store takes them as one group commit, with no task per item), each answered
         with its turns or its own status; the observers hear of each item as of its unary
@@ -444,9 +447,8 @@ class TurnIdServicer:
             raise
         finally:
             if self.observers:
-                # The behavior has no ServicerContext: an item's peer reads as "".
-                for call, method in calls:
-                    self._notify(call, method, namespace, None)
+                for call, method in calls:  # each item's peer is the call's
+                    self._notify(call, method, namespace, context)
 
     def _notify(self, call: _Call, method: str, namespace: str, context: Any) -> None:
         """Tell the observers how a call (or an AllocateMany item) ended."""
@@ -485,6 +487,8 @@ class TurnIdServicer:
         has_request_id = fields is None or "request_id" in fields
         has_kind = fields is None or "kind" in fields
         has_count = fields is None or "count" in fields
+        # AllocateMany reports each item to the observers, with the call's peer.
+        takes_context = "context" in inspect.signature(behavior).parameters
 
         async def handle(raw: bytes, context: Any) -> Any:
             call = _Call()
@@ -498,6 +502,8 @@ class TurnIdServicer:
                     call.kind = getattr(request, "kind", 0)
                 if has_count:
                     call.count = getattr(request, "count", 1)
+                if takes_context:
+                    return await behavior(request, namespace, context)
                 return await behavior(request, namespace)
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 call.code = "CANCELLED"
