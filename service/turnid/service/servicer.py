@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -221,6 +221,7 @@ class CallGate:
 
 
 Behavior = Callable[[Any, str], Awaitable[Any]]
+ContextBehavior = Callable[[Any, str, Any], Awaitable[Any]]  # also given the call's context
 StreamBehavior = Callable[[Any, str], AsyncIterator[Any]]
 
 
@@ -488,7 +489,9 @@ class TurnIdServicer:
         has_kind = fields is None or "kind" in fields
         has_count = fields is None or "count" in fields
         # AllocateMany reports each item to the observers, with the call's peer.
-        takes_context = "context" in inspect.signature(behavior).parameters
+        with_context: ContextBehavior | None = None
+        if "context" in inspect.signature(behavior).parameters:
+            with_context = cast(ContextBehavior, behavior)
 
         async def handle(raw: bytes, context: Any) -> Any:
             call = _Call()
@@ -502,8 +505,8 @@ class TurnIdServicer:
                     call.kind = getattr(request, "kind", 0)
                 if has_count:
                     call.count = getattr(request, "count", 1)
-                if takes_context:
-                    return await behavior(request, namespace, context)
+                if with_context is not None:
+                    return await with_context(request, namespace, context)
                 return await behavior(request, namespace)
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 call.code = "CANCELLED"
