@@ -1183,6 +1183,13 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _figures(what: str, script: str, *args: str) -> Any:
+    """The JSON object that one of the in-process bench scripts prints."""
+    print(f"… {what}", file=sys.stderr, flush=True)
+    command = [PYTHON, str(BENCH / script), *args]
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="turnid benchmark (make bench)")
     parser.add_argument("--trials", type=int, default=5, help="rounds of trials (median)")
@@ -1231,34 +1238,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = [Result(scenario) for scenario in scenarios(args)]
     with tempfile.TemporaryDirectory(prefix="turnid-bench-") as tmp:
         extra = run_all(results, args, Path(tmp), tag)
-        print("… minting", file=sys.stderr, flush=True)
-        minting = json.loads(
-            subprocess.run(
-                [PYTHON, str(BENCH / "minting.py")], check=True, capture_output=True, text=True
-            ).stdout
-        )
+        minting = _figures("minting", "minting.py")
         sqlite_floor = None
         if any(r.scenario.server == "sqlite" for r in results):
-            print("… SQLite floor", file=sys.stderr, flush=True)
-            sqlite_floor = json.loads(
-                subprocess.run(
-                    [PYTHON, str(BENCH / "sqlite_floor.py"), "--dir", tmp],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                ).stdout
-            )
+            sqlite_floor = _figures("SQLite floor", "sqlite_floor.py", "--dir", tmp)
         floor = None
         if any(r.scenario.rpc == "batch" for r in results):
-            print("… batch floor", file=sys.stderr, flush=True)
-            floor = json.loads(
-                subprocess.run(
-                    [PYTHON, str(BENCH / "batch_floor.py")],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                ).stdout
-            )
+            floor = _figures("batch floor", "batch_floor.py")
     fsync = extra["fsync"]
     checks = targets(results, fsync, floor, sqlite_floor)
     out = args.out or BENCH / "results" / f"bench-{stamp}.json"
