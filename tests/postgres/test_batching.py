@@ -184,15 +184,21 @@ async def test_a_thread_locked_elsewhere_fails_only_its_allocation(
     assert turn.sequence == 2
 
 
+@pytest.mark.parametrize("before", ["quick batches", "slow batches"])
 async def test_a_batch_waiting_for_a_lock_does_not_hold_up_other_threads(
-    make_store: StoreMaker, schema_url: str, thread_id: str
+    make_store: StoreMaker, schema_url: str, thread_id: str, before: str
 ) -> None:
     """A batch that the database does not answer (a row lock held elsewhere, here) is stalled:
-    the store starts another batch for the other threads, which commit while it waits."""
+    the store starts another batch for the other threads, which commit while it waits. The
+    stall bound follows how long batches take, up to a cap: after a run of batches that each
+    waited seconds for a lock, too."""
     store = await make_store(lock_timeout_s=20, statement_timeout_s=20)
     stuck, free = f"{thread_id}-stuck", f"{thread_id}-free"
-    for _ in range(3):  # quick batches first: the stall bound follows how long batches take
+    for _ in range(3):
         await asyncio.gather(*(store.allocate(Allocation(t, USER, 1)) for t in (stuck, free)))
+    if before == "slow batches":
+        for _ in range(16):
+            store._batch_took(2.0)  # what 16 batches that waited for lock_timeout leave behind
     async with await psycopg.AsyncConnection.connect(schema_url) as holder:
         await holder.execute(
             "SELECT 1 FROM threads WHERE namespace = '' AND thread_id = %s FOR UPDATE", (stuck,)

@@ -115,14 +115,17 @@ _GROUP_TURNS = 4096
 # A batch (one transaction) holds at most this many threads' locks, or about this many turns.
 # A store has one batch in flight, and more (up to max_batches) only while those in flight are
 # all stalled (a lock held elsewhere, a slow disk): running for longer than _STALL_FACTOR times
-# the median of the last _STALL_WINDOW batches' durations, and at least _STALL_S. A fixed bound
-# took a machine busy with our own work for a stalled database: at c=32 on 2 cores batches
-# take 5-10 ms there, and 5 ms split the queue into 2-4 smaller transactions that cost about
-# the same each (3.1 allocations per batch, 720 calls/s; 8.4 and 910-1,070 with 1 in flight).
+# the median of the last _STALL_WINDOW batches' durations, within [_STALL_S, _STALL_MAX_S]. A
+# fixed 5 ms took a machine busy with our own work for a stalled database: at c=32 on 2 cores
+# batches take 5-10 ms there, and it split the queue into 2-4 smaller transactions that cost
+# about the same each (3.1 allocations per batch, 570-810 calls/s; with this bound ~8 per batch
+# and 870-1,170). The upper bound keeps a run of stalled batches (their seconds-long lock
+# waits fill the window) from holding up the other threads for as long.
 _BATCH_THREADS = 64
 _BATCH_TURNS = 4096
 _MAX_BATCHES = 4
 _STALL_S = 0.005
+_STALL_MAX_S = 0.050
 _STALL_FACTOR = 4
 _STALL_WINDOW = 16
 
@@ -785,7 +788,7 @@ class PostgresStore:
         """A batch ended: the stall bound follows how long batches take now."""
         window = self._batch_seconds
         window.append(seconds)
-        self._stall_s = max(_STALL_S, _STALL_FACTOR * statistics.median(window))
+        self._stall_s = min(_STALL_MAX_S, max(_STALL_S, _STALL_FACTOR * statistics.median(window)))
 
     def _take_batch(self) -> dict[ThreadKey, list[_Queued]]:
         """Up to _BATCH_THREADS threads' groups (oldest queue first, threads in flight skipped),
