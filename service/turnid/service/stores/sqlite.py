@@ -9,13 +9,16 @@ to every allocation of the group in turn (carrying each thread's state, request 
 granted ids from one allocation to the next), and the group's rows are written with one
 multi-row statement per table. A refused request has queued nothing, so it never undoes or
 blocks its neighbours and needs no savepoint. A group of up to `_LOOP_MAX_TURNS` turns is read,
-decided and written on the event loop (when the write lock is free at once) and only its
-COMMIT runs in the writer thread (`_WriterThread`); bigger groups, and groups that find the
-lock held by another process, run in the writer thread whole.
+decided and written on the event loop (when the write lock is free at once); bigger groups, and
+groups that find the lock held by another process, run in the writer thread (`_WriterThread`)
+whole.
 
-A lone allocation (nothing else queued, the writer idle) is committed on the event loop thread
-instead, when the write lock is free at once: the hand-off to the writer thread and back is two
-thread wake-ups, about half the cost of a commit at concurrency 1 (see `_ALONE_IDLE_S`).
+Where such a group's COMMIT (the WAL writes and the fsync) runs depends on its size. A group
+of at least `_LOOP_COMMIT_MIN` allocations, and a lone allocation that came to an idle writer
+(`_ALONE_IDLE_S`), commit on the event loop thread itself: the hand-off to the writer thread and
+back costs two thread wake-ups and a GIL hand-over each way, more than the loop would have done
+meanwhile. A small group under load (a few allocations queued behind a busy writer) commits in
+the writer thread, so that the loop takes in the calls that will make the next group bigger.
 
 Groups are bounded: at most `_MAX_GROUP_TURNS` turns, and the writer stops deciding more of a
 group after `_MAX_GROUP_S` of work under the lock (the rest go back to the head of the queue),
@@ -257,13 +260,23 @@ _COMMIT_DELAY_S = 0.003
 # in more requests for the next group during the commit.
 _ALONE_IDLE_S = 0.000_2
 _ALONE_MAX_TURNS = 64
+# A group of at least this many allocations commits on the event loop thread too (within
+# _LOOP_MAX_TURNS). Unary AllocateTurnId at c=32 on a 2-core VM, interleaved A/B
+# (bench/profile_unary.py, 5 rounds): every group in the writer thread 0.59-0.72 x the no-op's
+# calls/s at 0.55-0.65 x its CPU; from 4, 8, 12 or 16 allocations on the loop 0.74-0.84 x at
+# 0.72-0.81 x (the four within noise of each other), with more allocations per commit: while
+# the loop is in such a COMMIT (the GIL released for its writes and fsync) gRPC's own threads
+# keep receiving, and the commit delay gathers the next group. Every group on the loop
+# collapses groups to one allocation (0.37 x): nothing is gathered while the loop commits a
+# small one, so the next is as small.
+_LOOP_COMMIT_MIN = 8
 # A group of up to this many turns is decided and written on the event loop thread, inside
-# the transaction it begins there (when the write lock is free at once), and only its COMMIT
-# goes to the writer thread. In the writer thread every statement step releases the GIL and
-# then waits for the busy loop to let it go (a futex wait and a thread switch each, ~15 per
-# group), while the statements themselves take a few µs per allocation: on the loop they
-# need no GIL hand-off, and the COMMIT alone is one. Bigger groups (batches) go to the writer
-# thread whole, so the loop never stalls for long.
+# the transaction it begins there (when the write lock is free at once); its COMMIT goes to
+# the writer thread unless the group is big enough (_LOOP_COMMIT_MIN) or lone. In the writer
+# thread every statement step releases the GIL and then waits for the busy loop to let it go
+# (a futex wait and a thread switch each, ~15 per group), while the statements themselves take
+# a few µs per allocation: on the loop they need no GIL hand-off. Bigger groups (batches) go
+# to the writer thread whole, so the loop never stalls for long.
 _LOOP_MAX_TURNS = 256
 # How often the change poller reads PRAGMA data_version while anyone watches.
 _POLL_S = 0.075
@@ -907,16 +920,12 @@ class SqliteStore:
                 try:
                     outcome = None
                     if not self._memory and sum(a.count for a in allocations) <= _LOOP_MAX_TURNS:
-                        # The group's statements on the loop, only its COMMIT (the WAL
-                        # writes and the fsync) in the writer thread: see _LOOP_MAX_TURNS.
+                        # The group's statements on the loop (see _LOOP_MAX_TURNS), its
+                        # COMMIT too if it is big or lone (see _LOOP_COMMIT_MIN).
                         opened = self._open_group(allocations, on_loop=True)
                         if isinstance(opened, _Open):
-                            if (
-                                len(group) == 1
-                                and allocations[0].count <= _ALONE_MAX_TURNS
-                                and self._first_arrival - self._writer_idle_since >= _ALONE_IDLE_S
-                            ):
-                                outcome = self._finish_group(opened)
+                            if self._commits_on_loop(allocations):
+                                outcome = self._finish_group(opened, on_loop=True)
                             else:
                                 outcome = await self._writer.call(self._finish_group, opened)
                     if outcome is None:
@@ -929,6 +938,16 @@ class SqliteStore:
                 self._finish(group, outcome)
             if self._closing:
                 return
+
+    def _commits_on_loop(self, group: Sequence[Allocation]) -> bool:
+        """Whether a group opened on the loop commits there too (see _LOOP_COMMIT_MIN)."""
+        if len(group) >= _LOOP_COMMIT_MIN:
+            return True
+        return (
+            len(group) == 1
+            and group[0].count <= _ALONE_MAX_TURNS
+            and self._first_arrival - self._writer_idle_since >= _ALONE_IDLE_S
+        )
 
     async def _gather(self, target: int) -> None:
         loop = asyncio.get_running_loop()
@@ -1028,22 +1047,27 @@ class SqliteStore:
             return self._failed(error, group[:taken])
         return _Open(group[:taken], cursor, batch, outcome, started)
 
-    def _finish_group(self, opened: _Open) -> _Outcome:
+    def _finish_group(self, opened: _Open, on_loop: bool = False) -> _Outcome | None:
         """COMMIT a group's transaction that `_open_group` left open (in the writer thread,
-        or on the loop for a lone allocation)."""
+        or on the loop: see _LOOP_COMMIT_MIN). None only `on_loop`, when the failure needs
+        work that must not block the loop (`_failed`): the writer thread redoes the group."""
         try:
             self._commit_epoch += 1  # before COMMIT: the poller must not take it for theirs
             opened.cursor.execute("COMMIT")
         except BaseException as error:
-            return self._failed(error, opened.decided)
+            return self._failed(error, opened.decided, on_loop)
         outcome, batch = opened.outcome, opened.batch
         seconds = time.monotonic() - opened.started
         outcome.changed.update(batch.changed())
         outcome.commits.append((len(outcome.results), batch.turn_count, seconds))
         return outcome
 
-    def _failed(self, error: BaseException, decided: Sequence[Allocation]) -> _Outcome:
-        """After a failure inside a group's transaction: roll back, and the group's results."""
+    def _failed(
+        self, error: BaseException, decided: Sequence[Allocation], on_loop: bool = False
+    ) -> _Outcome | None:
+        """After a failure inside a group's transaction: roll back, and the group's results
+        (None `on_loop` when they need the allocations committed one by one, which waits for
+        the write lock: the writer thread must do that)."""
         conn = self._write_conn
         assert conn is not None
         # Never leave the transaction (and the file's write lock) open behind a failure.
@@ -1051,6 +1075,8 @@ class SqliteStore:
         if not isinstance(error, Exception):
             raise error
         if isinstance(error, sqlite3.IntegrityError) and len(decided) > 1:
+            if on_loop:
+                return None
             # A write broke a constraint that decide() did not foresee (none is known).
             # The group's writes went out together, so the culprit is unknown: commit
             # each allocation alone, and only the culprit fails.
