@@ -665,6 +665,46 @@ async def test_a_group_on_many_threads_writes_the_id_keyed_b_trees_at_their_edge
     assert id_keyed <= 6, by_tree
 
 
+async def test_commits_are_checkpointed_in_the_background_and_the_wal_stays_bounded(
+    tmp_path: Path, opened: Callable[..., Any]
+) -> None:
+    """The store turns SQLite's automatic checkpoint off (it would run inside a COMMIT, which may
+    run on the event loop) and checkpoints in its own thread: commits still reach the database
+    file without anyone else checkpointing, and the WAL restarts instead of growing."""
+    path = tmp_path / "t.db"
+    store = await opened(path)
+    results: asyncio.Queue[tuple[int, int, int]] = asyncio.Queue()
+    store.on_checkpoint = results.put_nowait
+    threads = [f"thread-{i:02d}" for i in range(32)]
+
+    async def round_checkpointed() -> int:
+        """One group on every thread, then wait until a checkpoint has taken the whole WAL:
+        the WAL file's size then."""
+        await asyncio.gather(
+            *(store.allocate(Allocation(t, REALTIME, 4, str(uuid_utils.uuid7()))) for t in threads)
+        )
+        while True:  # a checkpoint that started before the last commit leaves frames behind
+            busy, frames, done = await asyncio.wait_for(results.get(), timeout=10)
+            if not busy and frames == done and store.commits == store._checkpoint_commits:
+                return await asyncio.to_thread(os.path.getsize, f"{path}-wal")
+
+    for _ in range(24):  # 96 turns per thread: each spans leaves of its own, as in the test above
+        await round_checkpointed()
+    rounds = 10
+    sizes = [await round_checkpointed() for _ in range(rounds)]
+    # Each round dirties at least a turns leaf per thread (a WAL frame of a page and its 24-byte
+    # header each): a WAL that never restarted would hold them all.
+    (page_size,) = store._write_conn.execute("PRAGMA page_size").fetchone()
+    written = rounds * len(threads) * (page_size + 24)
+    assert max(sizes) < written / 3, (sizes, written)
+    # The database file alone (a copy without its WAL) has every turn.
+    copy = tmp_path / "copy.db"
+    copy.write_bytes(path.read_bytes())
+    with sqlite3.connect(copy) as alone:
+        (count,) = alone.execute("SELECT count(*) FROM turns").fetchone()
+    assert count == (24 + rounds) * 4 * len(threads)
+
+
 async def test_groups_are_bounded_by_time_under_the_lock(
     opened: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -34,6 +34,14 @@ store recovers by itself. A constraint failure that decide() did not foresee (no
 retries each allocation of the group alone, so only the culprit fails. Anything else is a bug
 and propagates as itself (the servicer makes it INTERNAL with a correlation id).
 
+Checkpoints: SQLite's automatic checkpoint (copying the WAL back into the database file, with
+two fsyncs, every ~1,000 pages) would run inside whichever COMMIT crosses the threshold, and a
+COMMIT may run on the event loop; so the write connection turns it off and the store
+checkpoints in its own thread instead, on its own connection: PASSIVE (it never waits for or
+blocks the writer or readers), at most every `_CHECKPOINT_INTERVAL_S` while commits go on, and
+once more after the last one. The next write transaction then restarts the WAL from its start,
+so it stays bounded as before.
+
 Watch: after each commit the writer publishes the threads it added turns to on `changes`.
 Commits by other processes are seen by one poller per store, which reads `PRAGMA
 data_version` on its own connection every `_POLL_S` while anyone watches and, when the file
@@ -278,6 +286,10 @@ _LOOP_COMMIT_MIN = 8
 # a few µs per allocation: on the loop they need no GIL hand-off. Bigger groups (batches) go
 # to the writer thread whole, so the loop never stalls for long.
 _LOOP_MAX_TURNS = 256
+# At most this often a checkpoint runs while commits go on (see the module's docstring). At the
+# store's group rates here (~10,000 allocations/s, ~2 WAL frames each) that is ~2,000 frames,
+# twice SQLite's automatic threshold; a slow one only makes the next one start later.
+_CHECKPOINT_INTERVAL_S = 0.1
 # How often the change poller reads PRAGMA data_version while anyone watches.
 _POLL_S = 0.075
 # Lower than the client's default deadline (10 s), so a lock wait comes back in time for the
@@ -729,6 +741,16 @@ class SqliteStore:
             else ThreadPoolExecutor(1, thread_name_prefix="turnid-sqlite-reader")
         )
         self._poller: ThreadPoolExecutor | None = None
+        self._checkpointer: ThreadPoolExecutor | None = None
+        self._checkpoint_conn: sqlite3.Connection | None = None
+        # A checkpoint is scheduled or running (at most one), and when the last one started.
+        self._checkpoint_pending = False
+        self._checkpoint_started = 0.0
+        self._checkpoint_commits = 0  # self.commits when the last one started
+        self.checkpoints = 0  # checkpoints that ran to the end (all frames or not)
+        #: Called on the event loop after each checkpoint with the result of PRAGMA
+        #: wal_checkpoint(PASSIVE): (busy, frames in the WAL, frames checkpointed).
+        self.on_checkpoint: Callable[[tuple[int, int, int]], None] | None = None
         self._write_conn: sqlite3.Connection | None = None
         self._read_conn: sqlite3.Connection | None = None
         self._poll_conn: sqlite3.Connection | None = None
@@ -814,6 +836,8 @@ class SqliteStore:
         conn = _connect(self.path, self._busy_timeout_s)
         try:
             migrate(conn)
+            if not self._memory:
+                conn.execute("PRAGMA wal_autocheckpoint=0")  # the store's own: _checkpoint
             (self._writer_data_version,) = conn.execute("PRAGMA data_version").fetchone()
         except BaseException:
             conn.close()
@@ -839,6 +863,12 @@ class SqliteStore:
 
     async def _close_connections(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._checkpointer is not None:
+            # Let a checkpoint in flight finish; closing the last connection checkpoints anyway.
+            await loop.run_in_executor(None, self._checkpointer.shutdown)
+            if self._checkpoint_conn is not None:
+                self._checkpoint_conn.close()
+            self._checkpoint_conn = None
         if self._poller is not None:
             # Let a reading in flight finish (it may open the poller's connection) first.
             await loop.run_in_executor(None, self._poller.shutdown)
@@ -992,6 +1022,64 @@ class SqliteStore:
                     log.exception("on_commit hook failed")
         if not outcome.commits:
             self.last_group_allocations = decided
+        elif not self._memory:
+            self._schedule_checkpoint()
+
+    # --- checkpoints: off the commit path ---------------------------------------------------
+
+    def _schedule_checkpoint(self) -> None:
+        """On the loop, after a commit: a checkpoint once _CHECKPOINT_INTERVAL_S has passed
+        since the last one started (unless one is scheduled or running already)."""
+        if self._checkpoint_pending or self._closing:
+            return
+        self._checkpoint_pending = True
+        delay = self._checkpoint_started + _CHECKPOINT_INTERVAL_S - time.monotonic()
+        asyncio.get_running_loop().call_later(max(0.0, delay), self._start_checkpoint)
+
+    def _start_checkpoint(self) -> None:
+        if self._closing:
+            self._checkpoint_pending = False
+            return
+        if self._checkpointer is None:
+            self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="turnid-sqlite-ckpt")
+        self._checkpoint_started = time.monotonic()
+        self._checkpoint_commits = self.commits
+        try:
+            running = asyncio.get_running_loop().run_in_executor(
+                self._checkpointer, self._checkpoint
+            )
+        except RuntimeError:  # shut down by close() meanwhile
+            self._checkpoint_pending = False
+            return
+        running.add_done_callback(self._checkpoint_done)
+
+    def _checkpoint(self) -> tuple[int, int, int]:
+        """In the checkpoint thread: a PASSIVE checkpoint on its own connection."""
+        if self._checkpoint_conn is None:
+            self._checkpoint_conn = _connect(self.path, self._busy_timeout_s)
+        busy, frames, done = self._checkpoint_conn.execute(
+            "PRAGMA wal_checkpoint(PASSIVE)"
+        ).fetchone()
+        return int(busy), int(frames), int(done)
+
+    def _checkpoint_done(self, running: asyncio.Future[tuple[int, int, int]]) -> None:
+        self._checkpoint_pending = False
+        if running.cancelled():
+            return
+        error = running.exception()
+        if error is not None:
+            # The WAL only grows until the next one works; commits go on meanwhile.
+            log.warning("sqlite checkpoint failed: %s", error)
+        else:
+            self.checkpoints += 1
+            hook = self.on_checkpoint
+            if hook is not None:
+                try:
+                    hook(running.result())
+                except Exception:
+                    log.exception("on_checkpoint hook failed")
+        if self.commits != self._checkpoint_commits:  # commits came meanwhile
+            self._schedule_checkpoint()
 
     def _commit_group(self, group: Sequence[Allocation], on_loop: bool = False) -> _Outcome | None:
         """In the writer thread: decide and commit (a prefix of) `group` in one transaction.
