@@ -705,6 +705,46 @@ async def test_commits_are_checkpointed_in_the_background_and_the_wal_stays_boun
     assert count == (24 + rounds) * 4 * len(threads)
 
 
+async def test_big_groups_commit_on_the_event_loop_unless_the_disk_is_slow(
+    opened: Callable[..., Any],
+) -> None:
+    """A group of _LOOP_COMMIT_MIN or more commits on the loop's thread, while such COMMITs
+    are quick; once they are slow (a slow disk would stall the loop for every fsync) big groups
+    commit in the writer thread, but one in _LOOP_COMMIT_PROBE still on the loop, to measure
+    again; a disk that is quick again brings them back."""
+    store = await opened()
+    committed_by: list[str] = []
+
+    def trace(statement: str) -> None:
+        if statement == "COMMIT":
+            committed_by.append(threading.current_thread().name)
+
+    assert store._write_conn is not None
+    store._write_conn.set_trace_callback(trace)
+    loop_thread = threading.current_thread().name
+    size = sqlite_module._LOOP_COMMIT_MIN
+
+    async def big_group() -> str:
+        before = store.commits
+        await asyncio.gather(
+            *(store.allocate(Allocation(f"t-{i}", REALTIME, 1)) for i in range(size))
+        )
+        assert store.commits == before + 1  # one group
+        return committed_by[-1]
+
+    assert await big_group() == loop_thread
+    # The disk turns slow: the last window of such COMMITs took 5 ms each.
+    slow = [0.005] * sqlite_module._LOOP_COMMIT_WINDOW
+    store._loop_commit_s.extend(slow)
+    probe = sqlite_module._LOOP_COMMIT_PROBE
+    threads = [await big_group() for _ in range(probe)]
+    assert threads[:-1] == ["turnid-sqlite-writer"] * (probe - 1)
+    assert threads[-1] == loop_thread  # the probe
+    # The disk is quick again: the probes' quick COMMITs fill the window back.
+    store._loop_commit_s.extend([0.0001] * sqlite_module._LOOP_COMMIT_WINDOW)
+    assert await big_group() == loop_thread
+
+
 async def test_groups_are_bounded_by_time_under_the_lock(
     opened: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -13,12 +13,14 @@ decided and written on the event loop (when the write lock is free at once); big
 groups that find the lock held by another process, run in the writer thread (`_WriterThread`)
 whole.
 
-Where such a group's COMMIT (the WAL writes and the fsync) runs depends on its size. A group
-of at least `_LOOP_COMMIT_MIN` allocations, and a lone allocation that came to an idle writer
-(`_ALONE_IDLE_S`), commit on the event loop thread itself: the hand-off to the writer thread and
-back costs two thread wake-ups and a GIL hand-over each way, more than the loop would have done
-meanwhile. A small group under load (a few allocations queued behind a busy writer) commits in
-the writer thread, so that the loop takes in the calls that will make the next group bigger.
+Where such a group's COMMIT (the WAL writes and the fsync) runs depends on its size and on the
+disk. A group of at least `_LOOP_COMMIT_MIN` allocations, while such COMMITs take at most
+`_LOOP_COMMIT_MAX_S` (the median of the last few), and a lone allocation that came to an idle
+writer (`_ALONE_IDLE_S`), commit on the event loop thread itself: the hand-off to the writer
+thread and back costs two thread wake-ups and a GIL hand-over each way, more than the loop would
+have done meanwhile. A small group under load (a few allocations queued behind a busy writer),
+and a big one on a slow disk (the loop would stall for every fsync), commit in the writer
+thread, so that the loop takes in the calls that will make the next group meanwhile.
 
 Groups are bounded: at most `_MAX_GROUP_TURNS` turns, and the writer stops deciding more of a
 group after `_MAX_GROUP_S` of work under the lock (the rest go back to the head of the queue),
@@ -278,6 +280,14 @@ _ALONE_MAX_TURNS = 64
 # collapses groups to one allocation (0.37 x): nothing is gathered while the loop commits a
 # small one, so the next is as small.
 _LOOP_COMMIT_MIN = 8
+# ... while the median of the last _LOOP_COMMIT_WINDOW such COMMITs on the loop took at most
+# this long; beyond it the disk is slow and big groups commit in the writer thread, but one in
+# _LOOP_COMMIT_PROBE still commits on the loop, to notice when the disk is quick again. With
+# every fsync delayed by 2 ms (strace inject), committing big groups on the loop took unary c=32
+# from ~1,600 to ~950 calls/s; on this VM's disk (fsync ~0.1 ms) such a COMMIT takes 0.3-0.7 ms.
+_LOOP_COMMIT_MAX_S = 0.001
+_LOOP_COMMIT_WINDOW = 16
+_LOOP_COMMIT_PROBE = 64
 # A group of up to this many turns is decided and written on the event loop thread, inside
 # the transaction it begins there (when the write lock is free at once); its COMMIT goes to
 # the writer thread unless the group is big enough (_LOOP_COMMIT_MIN) or lone. In the writer
@@ -760,6 +770,10 @@ class SqliteStore:
         # finished a group (time.monotonic()): a lone caller is one that came to an idle writer.
         self._first_arrival = 0.0
         self._writer_idle_since = 0.0
+        # How long the last big groups' COMMITs on the loop took, and how many big groups
+        # committed in the writer thread since the last probe (see _LOOP_COMMIT_MAX_S).
+        self._loop_commit_s: deque[float] = deque(maxlen=_LOOP_COMMIT_WINDOW)
+        self._big_groups_off_loop = 0
         self._wakeup = asyncio.Event()
         # While the writer waits for a group to fill (commit delay): resolved when
         # _gather_target allocations are queued.
@@ -972,7 +986,12 @@ class SqliteStore:
     def _commits_on_loop(self, group: Sequence[Allocation]) -> bool:
         """Whether a group opened on the loop commits there too (see _LOOP_COMMIT_MIN)."""
         if len(group) >= _LOOP_COMMIT_MIN:
-            return True
+            took = self._loop_commit_s
+            quick = len(took) < _LOOP_COMMIT_WINDOW  # nothing known yet
+            if quick or sorted(took)[len(took) // 2] <= _LOOP_COMMIT_MAX_S:
+                return True
+            self._big_groups_off_loop += 1
+            return self._big_groups_off_loop % _LOOP_COMMIT_PROBE == 0
         return (
             len(group) == 1
             and group[0].count <= _ALONE_MAX_TURNS
@@ -1141,11 +1160,15 @@ class SqliteStore:
         work that must not block the loop (`_failed`): the writer thread redoes the group."""
         try:
             self._commit_epoch += 1  # before COMMIT: the poller must not take it for theirs
+            committing = time.monotonic()
             opened.cursor.execute("COMMIT")
         except BaseException as error:
             return self._failed(error, opened.decided, on_loop)
+        done = time.monotonic()
+        if on_loop and len(opened.decided) >= _LOOP_COMMIT_MIN:
+            self._loop_commit_s.append(done - committing)
         outcome, batch = opened.outcome, opened.batch
-        seconds = time.monotonic() - opened.started
+        seconds = done - opened.started
         outcome.changed.update(batch.changed())
         outcome.commits.append((len(outcome.results), batch.turn_count, seconds))
         return outcome
