@@ -757,7 +757,6 @@ class SqliteStore:
         self._checkpoint_pending = False
         self._checkpoint_started = 0.0
         self._checkpoint_commits = 0  # self.commits when the last one started
-        self.checkpoints = 0  # checkpoints that ran to the end (all frames or not)
         #: Called on the event loop after each checkpoint with the result of PRAGMA
         #: wal_checkpoint(PASSIVE): (busy, frames in the WAL, frames checkpointed).
         self.on_checkpoint: Callable[[tuple[int, int, int]], None] | None = None
@@ -1090,7 +1089,6 @@ class SqliteStore:
             # The WAL only grows until the next one works; commits go on meanwhile.
             log.warning("sqlite checkpoint failed: %s", error)
         else:
-            self.checkpoints += 1
             hook = self.on_checkpoint
             if hook is not None:
                 try:
