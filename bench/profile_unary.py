@@ -1,6 +1,7 @@
 """A/B harness for unary AllocateTurnId on SQLite FULL (issue 13), against the no-op baseline.
 
     python bench/profile_unary.py --variant A=/path/to/old/checkout --variant B=. [--kind 2]
+    python bench/profile_unary.py --rpc batch ...   (BatchAllocateTurnIds of 1,000 instead)
 
 Each variant is a source tree (its `service/` and `client/` go first on PYTHONPATH) whose
 `turnid serve` runs on a fresh SQLite file; the no-op baseline (bench/baseline_server.py) runs
@@ -96,12 +97,15 @@ class Server:
 
 
 class Load:
-    def __init__(self, target: str, kind: int, concurrency: int, processes: int) -> None:
+    def __init__(
+        self, target: str, kind: int, concurrency: int, processes: int, rpc: str = "allocate"
+    ) -> None:
         self.procs = []
         for index in range(processes):
             share = concurrency // processes + (index < concurrency % processes)
             command = [PYTHON, str(BENCH / "loadgen.py"), "--target", target, "--kind", str(kind)]
             command += ["--concurrency", str(share), "--channels", str(min(4, share))]
+            command += ["--rpc", rpc]
             command += ["--tag", f"p{index}-{time.monotonic_ns()}"]
             self.procs.append(
                 subprocess.Popen(
@@ -158,8 +162,10 @@ def fsync_ms(directory: Path, repeats: int = 100) -> float:
     return statistics.median(times) * 1000
 
 
-def measure(server: Server, kind: int, concurrency: int, seconds: float) -> dict[str, Any]:
-    load = Load(server.target, kind, concurrency, 1 if concurrency == 1 else 2)
+def measure(
+    server: Server, kind: int, concurrency: int, seconds: float, rpc: str = "allocate"
+) -> dict[str, Any]:
+    load = Load(server.target, kind, concurrency, 1 if concurrency == 1 else 2, rpc)
     try:
         before = server.cpu()
         trial = load.trial(seconds)
@@ -174,6 +180,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", action="append", default=[], help="NAME=source tree")
     parser.add_argument("--kind", type=int, default=1, help="TurnKind number (1 realtime)")
+    parser.add_argument(
+        "--rpc", choices=["allocate", "batch"], default="allocate", help="batch: 1,000 per call"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--c1-seconds", type=float, default=3.0)
     parser.add_argument("--c32-seconds", type=float, default=4.0)
@@ -206,8 +215,8 @@ def main() -> int:
         for round_ in range(args.rounds):
             fsyncs.append(fsync_ms(workdir))
             for name, server in servers.items():
-                c1 = measure(server, args.kind, 1, args.c1_seconds)
-                c32 = measure(server, args.kind, 32, args.c32_seconds)
+                c1 = measure(server, args.kind, 1, args.c1_seconds, args.rpc)
+                c32 = measure(server, args.kind, 32, args.c32_seconds, args.rpc)
                 alone[name] += c1["all_calls"]
                 rows[name].append(
                     {

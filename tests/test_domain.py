@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -13,6 +16,7 @@ from turnid.service.domain import (
     Replay,
     RequestRecord,
     ThreadState,
+    Turn,
     TurnIdError,
     TurnKind,
     decide,
@@ -20,6 +24,7 @@ from turnid.service.domain import (
     validation,
 )
 from turnid.service.domain.minting import mint_uuid7_after, uuid7_successor
+from turnid.service.domain.model import make_turn
 
 
 def reason_of(call, *args) -> str:  # type: ignore[no-untyped-def]
@@ -190,3 +195,17 @@ def test_database_urls_are_redacted_for_logs() -> None:
     assert redact_url("postgresql://u:s3cret@db:5432/t") == "postgresql://u:***@db:5432/t"
     assert redact_url("postgresql://u@db/t?password=s3cret") == "postgresql://u@db/t"
     assert redact_url("sqlite:///var/lib/turnid.db") == "sqlite:///var/lib/turnid.db"
+
+
+def test_make_turn_makes_the_same_frozen_turn_as_its_constructor() -> None:
+    # make_turn sets Turn's slots one by one: a field added to Turn must be added there too.
+    values = ("thread", "turn", TurnKind.USER_INPUT, 7, 1_700_000_000_000_001, "req", True)
+    made = make_turn(*values)
+    assert made == Turn(*values)
+    assert [getattr(made, f.name) for f in dataclasses.fields(Turn)] == list(values)
+    assert list(inspect.signature(make_turn).parameters) == [
+        f.name for f in dataclasses.fields(Turn)
+    ]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.sequence = 8  # type: ignore[misc]
+    assert hash(made) == hash(Turn(*values))

@@ -100,6 +100,48 @@ async def test_batch_takes_consecutive_sequences(store: Store, thread_id: str) -
     assert (await one(store, thread_id, COMPACTION)).turn_id == "auto-compact-5"
 
 
+async def test_big_batches_among_small_allocations_read_back_as_answered(
+    store: Store, thread_id: str
+) -> None:
+    # One group (where the store groups) mixing big batches, small ones and single turns in
+    # the same threads: every turn reads back exactly as it was answered, in sequence order.
+    other = thread_id + "-other"
+    answers = await store.allocate_many(
+        [
+            A(thread_id, REALTIME, 1, "single"),
+            A(thread_id, USER, 300, "big-uuids"),
+            A(other, COMPACTION, 40),
+            A(thread_id, COMPACTION, 3),
+            A(thread_id, COMPACTION, 17, "big-compactions"),
+            A(other, REALTIME, 16),
+            A(thread_id, REALTIME, 1, claimed_turn_id="legacy-1"),
+        ]
+    )
+    results: list[list] = []  # type: ignore[type-arg]
+    for answer in answers:
+        assert isinstance(answer, list), answer
+        results.append(answer)
+    mine = [turn for result in results for turn in result if turn.thread_id == thread_id]
+    theirs = [turn for result in results for turn in result if turn.thread_id == other]
+    assert [t.sequence for t in mine] == list(range(1, 323))
+    assert [t.sequence for t in theirs] == list(range(1, 57))
+    assert [t.turn_id for t in mine if t.kind is COMPACTION] == [
+        f"auto-compact-{n}" for n in range(20)
+    ]
+    big = results[1]
+    assert {(t.kind, t.request_id, t.claimed) for t in big} == {(USER, "big-uuids", False)}
+    assert len({t.create_time_us for t in big}) == 1
+    for turn in big:
+        assert_uuid7(turn.turn_id)
+    assert [t.turn_id for t in big] == sorted({t.turn_id for t in big})
+    assert results[6][0].claimed
+    assert await all_turns(store, thread_id) == mine
+    assert await all_turns(store, other) == theirs
+    for turn in (big[0], big[150], big[-1], results[4][-1], results[5][0]):
+        assert await store.get(NS.value, turn.thread_id, turn.turn_id) == turn
+    assert await store.allocate(A(thread_id, USER, 300, "big-uuids")) == big
+
+
 async def test_request_id_retry_returns_the_original(store: Store, thread_id: str) -> None:
     first = await one(store, thread_id, REALTIME, "step-1")
     compaction = await one(store, thread_id, COMPACTION, "step-2")

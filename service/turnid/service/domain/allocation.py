@@ -20,6 +20,7 @@ from turnid.service.domain.model import (
     ThreadState,
     Turn,
     TurnKind,
+    make_turn,
 )
 
 
@@ -86,8 +87,9 @@ def decide(
     first = state.next_sequence
     kind = allocation.kind
     request_id = allocation.request_id
+    was_claimed = claimed is not None
     turns = [
-        Turn(thread_id, turn_id, kind, first + i, now_us, request_id, claimed is not None)
+        make_turn(thread_id, turn_id, kind, first + i, now_us, request_id, was_claimed)
         for i, turn_id in enumerate(turn_ids)
     ]
     new_state = ThreadState(

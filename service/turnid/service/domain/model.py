@@ -27,6 +27,53 @@ class Turn:
     claimed: bool
 
 
+# Turn(...) costs ~2 µs: a frozen dataclass's __init__ sets each field through
+# object.__setattr__. Setting the slots through their descriptors makes the same value in a
+# third of that; the paths that make turns by the thousand (a batch, a page, a replay) use it.
+_new_object = object.__new__
+(
+    _set_thread_id,
+    _set_turn_id,
+    _set_kind,
+    _set_sequence,
+    _set_create_time_us,
+    _set_request_id,
+    _set_claimed,
+) = (
+    Turn.__dict__[name].__set__
+    for name in (
+        "thread_id",
+        "turn_id",
+        "kind",
+        "sequence",
+        "create_time_us",
+        "request_id",
+        "claimed",
+    )
+)
+
+
+def make_turn(
+    thread_id: str,
+    turn_id: str,
+    kind: TurnKind,
+    sequence: int,
+    create_time_us: int,
+    request_id: str,
+    claimed: bool,
+) -> Turn:
+    """The same Turn as `Turn(...)` with these arguments, about three times faster."""
+    turn: Turn = _new_object(Turn)
+    _set_thread_id(turn, thread_id)
+    _set_turn_id(turn, turn_id)
+    _set_kind(turn, kind)
+    _set_sequence(turn, sequence)
+    _set_create_time_us(turn, create_time_us)
+    _set_request_id(turn, request_id)
+    _set_claimed(turn, claimed)
+    return turn
+
+
 @dataclass(frozen=True, slots=True)
 class Allocation:
     """One validated request for new turns: `count` turns of `kind` in one thread.

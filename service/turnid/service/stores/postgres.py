@@ -84,6 +84,7 @@ from turnid.service.domain.model import (
     ThreadState,
     Turn,
     TurnKind,
+    make_turn,
 )
 from turnid.service.domain.store import allocate_queued
 from turnid.service.domain.watch import ChangeFeed, ThreadKey
@@ -349,7 +350,7 @@ async def _applied_versions(conn: Connection) -> set[int]:
 
 
 def _turn(row: Sequence[Any]) -> Turn:
-    return Turn(row[0], row[1], TurnKind(row[2]), row[3], row[4], row[5], bool(row[6]))
+    return make_turn(row[0], row[1], TurnKind(row[2]), row[3], row[4], row[5], bool(row[6]))
 
 
 def _state(row: Sequence[Any]) -> ThreadState:

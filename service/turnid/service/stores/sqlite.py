@@ -88,6 +88,7 @@ from turnid.service.domain.model import (
     ThreadState,
     Turn,
     TurnKind,
+    make_turn,
 )
 from turnid.service.domain.store import allocate_queued
 from turnid.service.domain.watch import ChangeFeed, ThreadKey
@@ -336,7 +337,7 @@ def storage_error(error: sqlite3.Error) -> TurnIdError | None:
 
 
 def _turn(row: tuple[str, str, int, int, int, str, int]) -> Turn:
-    return Turn(row[0], row[1], TurnKind(row[2]), row[3], row[4], row[5], bool(row[6]))
+    return make_turn(row[0], row[1], TurnKind(row[2]), row[3], row[4], row[5], bool(row[6]))
 
 
 def _state(row: tuple[int, int, str, str, int, int]) -> ThreadState:
@@ -460,6 +461,7 @@ class _GroupThread:
     state: ThreadState
     first_new: int  # the sequence of the group's first new turn in the thread
     turns: list[Turn] = field(default_factory=list)  # granted in this group, in order
+    grants: list[list[Turn]] = field(default_factory=list)  # the same turns, by allocation
     ids: set[str] = field(default_factory=set)  # their turn ids
     requests: dict[str, RequestRecord] = field(default_factory=dict)  # recorded in this group
 
@@ -471,6 +473,14 @@ class _GroupThread:
 # itself; a failure rolls the group back anyway (`_commit_group`).
 _ROWS_PER_STATEMENT = 64
 _TURN_INSERT = f"INSERT OR ROLLBACK INTO turns (namespace, {_TURN_COLUMNS}) VALUES "
+# An allocation of many turns (a batch) differs from turn to turn only in turn_id and sequence
+# (consecutive): one statement writes it, the rest bound once and the ids as one JSON array.
+# Binding 8 values per row cost more than SQLite's own work for it: ~30% less for 1,000 turns.
+_GRANT_INSERT = (
+    f"INSERT OR ROLLBACK INTO turns (namespace, {_TURN_COLUMNS}) "
+    "SELECT ?, ?, value, ?, ? + key, ?, ?, ? FROM json_each(?)"
+)
+_GRANT_MIN_TURNS = 16
 _THREAD_UPSERT = (
     f"INSERT OR ROLLBACK INTO threads (namespace, thread_id, {_STATE_COLUMNS}) VALUES ",
     " ON CONFLICT (namespace, thread_id) DO UPDATE SET "
@@ -577,24 +587,32 @@ class _Batch:
         changed = [(key, thread) for key, thread in self.threads.items() if thread.turns]
         if not changed:
             return
-        _run_rows(
-            cursor,
-            "turns",
-            [
-                (
-                    ns,
-                    t.thread_id,
-                    t.turn_id,
-                    t.kind,
-                    t.sequence,
-                    t.create_time_us,
-                    t.request_id,
-                    t.claimed,
-                )
-                for (ns, _), thread in changed
-                for t in thread.turns
-            ],
-        )
+        rows: list[tuple[object, ...]] = []
+        for (ns, _), thread in changed:
+            for grant in thread.grants:
+                if len(grant) >= _GRANT_MIN_TURNS:
+                    t = grant[0]
+                    ids = json.dumps([turn.turn_id for turn in grant])
+                    cursor.execute(
+                        _GRANT_INSERT,
+                        (ns, t.thread_id, t.kind, t.sequence, t.create_time_us, t.request_id)
+                        + (t.claimed, ids),
+                    )
+                    continue
+                rows += [
+                    (
+                        ns,
+                        t.thread_id,
+                        t.turn_id,
+                        t.kind,
+                        t.sequence,
+                        t.create_time_us,
+                        t.request_id,
+                        t.claimed,
+                    )
+                    for t in grant
+                ]
+        _run_rows(cursor, "turns", rows)
         _run_rows(
             cursor,
             "threads",
@@ -1253,6 +1271,7 @@ class SqliteStore:
             )
         thread.state = decision.state
         thread.turns += decision.turns
+        thread.grants.append(decision.turns)
         thread.ids.update(turn.turn_id for turn in decision.turns)
         if decision.record is not None:
             thread.requests[request_id] = decision.record
