@@ -593,11 +593,8 @@ class _Batch:
                 if len(grant) >= _GRANT_MIN_TURNS:
                     t = grant[0]
                     ids = json.dumps([turn.turn_id for turn in grant])
-                    cursor.execute(
-                        _GRANT_INSERT,
-                        (ns, t.thread_id, t.kind, t.sequence, t.create_time_us, t.request_id)
-                        + (t.claimed, ids),
-                    )
+                    values = (t.thread_id, t.kind, t.sequence, t.create_time_us, t.request_id)
+                    cursor.execute(_GRANT_INSERT, (ns, *values, t.claimed, ids))
                     continue
                 rows += [
                     (
