@@ -2,6 +2,7 @@
 
     python bench/profile_unary.py --variant A=/path/to/old/checkout --variant B=. [--kind 2]
     python bench/profile_unary.py --rpc batch ...   (BatchAllocateTurnIds of 1,000 instead)
+    python bench/profile_unary.py --mode client-async ...   (through the Python client instead)
 
 Each variant is a source tree (its `service/` and `client/` go first on PYTHONPATH) whose
 `turnid serve` runs on a fresh SQLite file; the no-op baseline (bench/baseline_server.py) runs
@@ -98,14 +99,22 @@ class Server:
 
 class Load:
     def __init__(
-        self, target: str, kind: int, concurrency: int, processes: int, rpc: str = "allocate"
+        self,
+        target: str,
+        kind: int,
+        concurrency: int,
+        processes: int,
+        rpc: str = "allocate",
+        mode: str = "stub",
     ) -> None:
         self.procs = []
+        if mode != "stub":  # as the bench's client rows: one process, one client
+            processes = 1
         for index in range(processes):
             share = concurrency // processes + (index < concurrency % processes)
             command = [PYTHON, str(BENCH / "loadgen.py"), "--target", target, "--kind", str(kind)]
             command += ["--concurrency", str(share), "--channels", str(min(4, share))]
-            command += ["--rpc", rpc]
+            command += ["--rpc", rpc, "--mode", mode]
             command += ["--tag", f"p{index}-{time.monotonic_ns()}"]
             self.procs.append(
                 subprocess.Popen(
@@ -163,9 +172,14 @@ def fsync_ms(directory: Path, repeats: int = 100) -> float:
 
 
 def measure(
-    server: Server, kind: int, concurrency: int, seconds: float, rpc: str = "allocate"
+    server: Server,
+    kind: int,
+    concurrency: int,
+    seconds: float,
+    rpc: str = "allocate",
+    mode: str = "stub",
 ) -> dict[str, Any]:
-    load = Load(server.target, kind, concurrency, 1 if concurrency == 1 else 2, rpc)
+    load = Load(server.target, kind, concurrency, 1 if concurrency == 1 else 2, rpc, mode)
     try:
         before = server.cpu()
         trial = load.trial(seconds)
@@ -182,6 +196,12 @@ def main() -> int:
     parser.add_argument("--kind", type=int, default=1, help="TurnKind number (1 realtime)")
     parser.add_argument(
         "--rpc", choices=["allocate", "batch"], default="allocate", help="batch: 1,000 per call"
+    )
+    parser.add_argument(
+        "--mode",
+        choices=["stub", "client-async", "client-sync"],
+        default="stub",
+        help="client-*: through the Python client (one process; the baseline has no client)",
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--c1-seconds", type=float, default=3.0)
@@ -215,8 +235,10 @@ def main() -> int:
         for round_ in range(args.rounds):
             fsyncs.append(fsync_ms(workdir))
             for name, server in servers.items():
-                c1 = measure(server, args.kind, 1, args.c1_seconds, args.rpc)
-                c32 = measure(server, args.kind, 32, args.c32_seconds, args.rpc)
+                tree = dict(variants)[name]
+                mode = "stub" if tree is None else args.mode  # the baseline: raw stubs
+                c1 = measure(server, args.kind, 1, args.c1_seconds, args.rpc, mode)
+                c32 = measure(server, args.kind, 32, args.c32_seconds, args.rpc, mode)
                 alone[name] += c1["all_calls"]
                 rows[name].append(
                     {
