@@ -1196,7 +1196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--c1-seconds", type=float, default=0.6, help="length of a c1 trial")
     parser.add_argument("--c32-seconds", type=float, default=1.5, help="length of a c32 trial")
     parser.add_argument(
-        "--rss-seconds", type=float, default=120.0, help="time limit of the RSS run"
+        "--rss-seconds",
+        type=float,
+        default=300.0,
+        help="time limit of the RSS run (it ends at 200,000 allocations: ~140 s at 1,450/s)",
     )
     parser.add_argument("--clients", type=int, default=1, help="load generator processes")
     parser.add_argument("--channels", type=int, default=4, help="connections per generator")
