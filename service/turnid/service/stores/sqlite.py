@@ -474,13 +474,14 @@ class _GroupThread:
 _ROWS_PER_STATEMENT = 64
 _TURN_INSERT = f"INSERT OR ROLLBACK INTO turns (namespace, {_TURN_COLUMNS}) VALUES "
 # An allocation of many turns (a batch) differs from turn to turn only in turn_id and sequence
-# (consecutive): one statement writes it, the rest bound once and the ids as one JSON array.
-# Binding 8 values per row cost more than SQLite's own work for it: ~30% less for 1,000 turns.
+# (consecutive): one statement writes it, the rest bound once and the ids as one JSON array,
+# instead of 8 bound values a row: 1,000 turns in 3.5 ms instead of 4.6 (a plain sqlite3 loop).
+# Below ~16-32 turns a statement of its own costs as much as it saves.
 _GRANT_INSERT = (
     f"INSERT OR ROLLBACK INTO turns (namespace, {_TURN_COLUMNS}) "
     "SELECT ?, ?, value, ?, ? + key, ?, ?, ? FROM json_each(?)"
 )
-_GRANT_MIN_TURNS = 16
+_GRANT_MIN_TURNS = 32
 _THREAD_UPSERT = (
     f"INSERT OR ROLLBACK INTO threads (namespace, thread_id, {_STATE_COLUMNS}) VALUES ",
     " ON CONFLICT (namespace, thread_id) DO UPDATE SET "
