@@ -460,8 +460,7 @@ class _GroupThread:
 
     state: ThreadState
     first_new: int  # the sequence of the group's first new turn in the thread
-    turns: list[Turn] = field(default_factory=list)  # granted in this group, in order
-    grants: list[list[Turn]] = field(default_factory=list)  # the same turns, by allocation
+    grants: list[list[Turn]] = field(default_factory=list)  # turns granted in this group
     ids: set[str] = field(default_factory=set)  # their turn ids
     requests: dict[str, RequestRecord] = field(default_factory=dict)  # recorded in this group
 
@@ -577,15 +576,15 @@ class _Batch:
                     seen[key] = None if row[7] is None else RequestRecord(*row[7:11])
 
     def changed(self) -> list[ThreadKey]:
-        return [key for key, thread in self.threads.items() if thread.turns]
+        return [key for key, thread in self.threads.items() if thread.grants]
 
     @property
     def turn_count(self) -> int:
-        return sum(len(thread.turns) for thread in self.threads.values())
+        return sum(len(grant) for thread in self.threads.values() for grant in thread.grants)
 
     def write(self) -> None:
         cursor = self.cursor
-        changed = [(key, thread) for key, thread in self.threads.items() if thread.turns]
+        changed = [(key, thread) for key, thread in self.threads.items() if thread.grants]
         if not changed:
             return
         rows: list[tuple[object, ...]] = []
@@ -1262,13 +1261,13 @@ class SqliteStore:
         decision = decide(allocation, thread.state, seen, is_taken, now_us)
         if isinstance(decision, Replay):
             start = decision.first_sequence - thread.first_new
-            if start >= 0:  # recorded earlier in this group
-                return thread.turns[start : start + decision.count]
+            if start >= 0:  # recorded earlier in this group (rare: a retry within one group)
+                granted = [turn for grant in thread.grants for turn in grant]
+                return granted[start : start + decision.count]
             return _read_range(
                 cursor, namespace, thread_id, decision.first_sequence - 1, decision.count
             )
         thread.state = decision.state
-        thread.turns += decision.turns
         thread.grants.append(decision.turns)
         thread.ids.update(turn.turn_id for turn in decision.turns)
         if decision.record is not None:
