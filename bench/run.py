@@ -173,14 +173,7 @@ class Server:
         return pids
 
     def cpu_seconds(self) -> float:
-        total = 0.0
-        for pid in self.pids():
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
-        return total
+        return _cpu_seconds(self.pids())
 
     def rss_mb(self) -> float:
         total = 0
@@ -362,9 +355,24 @@ class Load:
             merged["watch_p99_ms"] = _percentile(delays, 0.99) / 1000
         return merged
 
+    def cpu_seconds(self) -> float:
+        return _cpu_seconds([proc.pid for proc in self.procs])
+
     def close(self) -> None:
         for proc in self.procs:
             _end(proc)
+
+
+def _cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds of these processes so far (from /proc; gone ones count 0)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+    return total
 
 
 def _percentile(ordered: Sequence[float], fraction: float) -> float:
@@ -376,7 +384,17 @@ def _percentile(ordered: Sequence[float], fraction: float) -> float:
 def _median_of(trials: list[dict[str, Any]]) -> dict[str, float]:
     if not trials:
         return {}
-    keys = ("calls_per_s", "p50_ms", "p99_ms", "cpu_us_per_call", "watch_p50_ms", "watch_p99_ms")
+    keys = (
+        "calls_per_s",
+        "p50_ms",
+        "p99_ms",
+        "cpu_us_per_call",
+        "load_cpu_us_per_call",
+        "server_cores",
+        "load_cores",
+        "watch_p50_ms",
+        "watch_p99_ms",
+    )
     summary = {
         key: statistics.median(trial[key] for trial in trials) for key in keys if key in trials[0]
     }
@@ -524,15 +542,20 @@ class _Run:
         self, r: Result, load: Load, fail: _Fail | None = None, **command: float
     ) -> dict[str, Any] | None:
         server = self.servers[id(r)]
-        cpu_before = server.cpu_seconds()
+        cpu_before, load_before = server.cpu_seconds(), load.cpu_seconds()
         try:
             trial = load.trial(**command)
         except (RuntimeError, ValueError, KeyError) as error:
             (fail or self.drop)(r, f"load generator failed: {error}")
             return None
-        trial["cpu_us_per_call"] = (
-            (server.cpu_seconds() - cpu_before) / max(1, trial["calls"]) * 1e6
-        )
+        # The load processes' CPU too: with server and load on the same cores, how many of the
+        # cores each used tells a CPU-bound row from one bound by latency.
+        used, load_used = server.cpu_seconds() - cpu_before, load.cpu_seconds() - load_before
+        calls, elapsed = max(1, trial["calls"]), max(1e-9, trial["elapsed_s"])
+        trial["cpu_us_per_call"] = used / calls * 1e6
+        trial["load_cpu_us_per_call"] = load_used / calls * 1e6
+        trial["server_cores"] = used / elapsed
+        trial["load_cores"] = load_used / elapsed
         self.acknowledged[id(r)] += trial["calls"]
         return trial
 
@@ -777,6 +800,12 @@ def _notes(result: Result, ids_per_call: int) -> str:
     client = _client_note(result)
     if client:
         notes.append(client)
+    if "server_cores" in result.c32:
+        notes.append(
+            f"cores at c32: server {result.c32['server_cores']:.2f}, load "
+            f"{result.c32['load_cores']:.2f} ({result.c32['load_cpu_us_per_call']:,.0f} µs per "
+            "call) of " + str(os.cpu_count())
+        )
     if "watch_p50_ms" in result.c1 or "watch_p50_ms" in result.c32:
         shown = [
             f"{label} {_ms(figures['watch_p50_ms'])} / {_ms(figures['watch_p99_ms'])}"
