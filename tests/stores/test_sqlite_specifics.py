@@ -532,10 +532,8 @@ async def test_an_unexpected_failure_mid_group_rolls_back_and_frees_the_file(
         return real_apply(self, batch, allocation, now_us)
 
     monkeypatch.setattr(SqliteStore, "_apply", failing_apply)
-    outcomes = await asyncio.gather(
-        store.allocate(Allocation("t", COMPACTION, 1)),
-        store.allocate(Allocation("boom", COMPACTION, 1)),
-        return_exceptions=True,
+    outcomes = await store.allocate_many(
+        [Allocation("t", COMPACTION, 1), Allocation("boom", COMPACTION, 1)]
     )
     assert all(isinstance(o, ValueError) for o in outcomes)  # one group, rolled back whole
     other = sqlite3.connect(path, timeout=0, isolation_level=None)
@@ -577,16 +575,39 @@ async def test_an_unforeseen_constraint_failure_fails_only_its_culprit(
 
 async def test_a_full_queue_is_refused_overloaded_not_queued(opened: Callable[..., Any]) -> None:
     store = await opened(max_pending=2)
-    # gather starts all four before the writer runs, so two are queued when the third arrives.
-    outcomes = await asyncio.gather(
-        *(store.allocate(Allocation("t", COMPACTION, 1)) for _ in range(4)),
-        return_exceptions=True,
-    )
+    # All four queue before the writer runs, so two are queued when the third arrives.
+    outcomes = await store.allocate_many([Allocation("t", COMPACTION, 1) for _ in range(4)])
     reasons = [o.reason if isinstance(o, TurnIdError) else "OK" for o in outcomes]
     assert reasons == ["OK", "OK", "OVERLOADED", "OVERLOADED"]
     assert outcomes[2].category is ErrorCategory.RESOURCE_EXHAUSTED  # type: ignore[union-attr]
     turns = await store.list("", "t", 0, 10)
     assert [t.turn_id for t in turns] == ["auto-compact-0", "auto-compact-1"]
+
+
+async def test_a_lone_allocation_commits_in_its_callers_coroutine(
+    opened: Callable[..., Any],
+) -> None:
+    """On an idle store a lone allocate() is committed before it first yields to the event
+    loop (no hop to the writer and back); once groups are big enough for the commit delay,
+    allocations queue for the writer again, so that under load they keep joining groups."""
+    store = await opened()
+    coro = store.allocate(Allocation("t", COMPACTION, 1))
+    with pytest.raises(StopIteration) as finished:
+        coro.send(None)  # runs to its end at once: nothing was awaited
+    (turn,) = finished.value.value
+    assert (turn.turn_id, turn.sequence) == ("auto-compact-0", 1)
+    assert store.commits == 1  # counted, published and checkpointed as any commit
+    assert await store.get("", "t", "auto-compact-0") == turn
+    # Under load: a group as big as the commit delay waits for.
+    await store.allocate_many(
+        [Allocation(f"u{i}", COMPACTION, 1) for i in range(sqlite_module._COMMIT_SIBLINGS)]
+    )
+    assert store.last_group_allocations == sqlite_module._COMMIT_SIBLINGS
+    queued = store.allocate(Allocation("t", COMPACTION, 1))
+    waiting = queued.send(None)  # it yielded: its future, which the writer will settle
+    assert isinstance(waiting, asyncio.Future) and not waiting.done()
+    waiting.cancel()  # given up: the writer drops it unwritten
+    queued.close()
 
 
 async def test_the_queue_bound_counts_turns(opened: Callable[..., Any]) -> None:
@@ -726,9 +747,7 @@ async def test_big_groups_commit_on_the_event_loop_unless_the_disk_is_slow(
 
     async def big_group() -> str:
         before = store.commits
-        await asyncio.gather(
-            *(store.allocate(Allocation(f"t-{i}", REALTIME, 1)) for i in range(size))
-        )
+        await store.allocate_many([Allocation(f"t-{i}", REALTIME, 1) for i in range(size)])
         assert store.commits == before + 1  # one group
         return committed_by[-1]
 
