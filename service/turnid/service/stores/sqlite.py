@@ -271,8 +271,9 @@ _COMMIT_DELAY_S = 0.003
 # group to the writer thread, which waits for it there. Under load (anything queued, or an
 # arrival soon after the last commit) groups go to the writer thread, which lets the loop take
 # in more requests for the next group during the commit. An allocate() that finds the writer
-# so (and the last group too small for the commit delay) commits in its caller's coroutine:
-# at c=1, -0.07 ms p50 and -116 µs of CPU per call (bench/profile_unary.py, 6 rounds).
+# idle so (and the last group too small for the commit delay) does not even queue: it commits
+# in its caller's coroutine (_commit_alone), at c=1 -0.07 to -0.12 ms p50 and ~100 µs less CPU
+# per call (bench/profile_unary.py, two A/Bs of 5-6 rounds).
 _ALONE_IDLE_S = 0.000_2
 _ALONE_MAX_TURNS = 64
 # A group of at least this many allocations commits on the event loop thread too (within
@@ -927,9 +928,9 @@ class SqliteStore:
 
     def _commit_alone(self, allocation: Allocation) -> asyncio.Future[list[Turn]] | None:
         """Commit a lone allocation right here, in its caller's coroutine, without the queue's
-        two hops through the event loop (waking the writer, then the caller back): ~25 µs of
-        ~150 at c=1 but the COMMIT. Callers arriving meanwhile queue for the writer. None when
-        another connection holds the write lock: the writer thread waits for it instead."""
+        two hops through the event loop (waking the writer, then the caller back; measured at
+        _ALONE_IDLE_S). Callers arriving meanwhile queue for the writer. None when another
+        connection holds the write lock: the writer thread waits for it instead."""
         opened = self._open_group([allocation], on_loop=True)
         outcome = self._finish_group(opened, on_loop=True) if isinstance(opened, _Open) else None
         if outcome is None:
