@@ -8,6 +8,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -589,8 +590,12 @@ async def test_a_lone_allocation_commits_in_its_callers_coroutine(
 ) -> None:
     """On an idle store a lone allocate() is committed before it first yields to the event
     loop (no hop to the writer and back); once groups are big enough for the commit delay,
-    allocations queue for the writer again, so that under load they keep joining groups."""
+    or when the loop was busy all the while the writer was idle (calls reaching it one by
+    one under load), allocations queue for the writer again, so that they join groups."""
     store = await opened()
+    idle = 10 * sqlite_module._ALONE_IDLE_S
+    # The writer went idle a while ago, and the loop has spent no CPU since.
+    store._writer_idle_since, store._writer_idle_cpu = time.monotonic() - idle, time.thread_time()
     coro = store.allocate(Allocation("t", COMPACTION, 1))
     with pytest.raises(StopIteration) as finished:
         coro.send(None)  # runs to its end at once: nothing was awaited
@@ -598,7 +603,17 @@ async def test_a_lone_allocation_commits_in_its_callers_coroutine(
     assert (turn.turn_id, turn.sequence) == ("auto-compact-0", 1)
     assert store.commits == 1  # counted, published and checkpointed as any commit
     assert await store.get("", "t", "auto-compact-0") == turn
-    # Under load: a group as big as the commit delay waits for.
+    # A loop that was on the CPU all the time the writer was idle: that is load.
+    store._writer_idle_since = time.monotonic() - idle
+    store._writer_idle_cpu = time.thread_time() - idle
+    busy = store.allocate(Allocation("t", COMPACTION, 1))
+    waiting = busy.send(None)
+    assert isinstance(waiting, asyncio.Future) and not waiting.done()
+    committed: asyncio.Future[list[Turn]] = asyncio.get_running_loop().create_future()
+    waiting.add_done_callback(lambda done: committed.set_result(done.result()))
+    (second,) = await committed  # the writer committed it, in a group of its own
+    assert (second.turn_id, second.sequence) == ("auto-compact-1", 2)
+    busy.close()
     await store.allocate_many(
         [Allocation(f"u{i}", COMPACTION, 1) for i in range(sqlite_module._COMMIT_SIBLINGS)]
     )

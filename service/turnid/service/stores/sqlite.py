@@ -19,10 +19,11 @@ disk. A group of at least `_LOOP_COMMIT_MIN` allocations, while such COMMITs tak
 writer (`_ALONE_IDLE_S`), commit on the event loop thread itself: the hand-off to the writer
 thread and back costs two thread wake-ups and a GIL hand-over each way, more than the loop would
 have done meanwhile. A lone `allocate()` does not even queue: it commits in its caller's
-coroutine, before that first yields to the loop (`_commit_alone`). A small group under load (a
-few allocations queued behind a busy writer), and a big one on a slow disk (the loop would stall
-for every fsync), commit in the writer thread, so that the loop takes in the calls that will
-make the next group meanwhile.
+coroutine, before that first yields to the loop (`_commit_alone`), unless the loop was busy
+while the writer idled (calls reaching it one by one under load: `_ALONE_BUSY_MAX`). A small
+group under load (a few allocations queued behind a busy writer), and a big one on a slow disk
+(the loop would stall for every fsync), commit in the writer thread, so that the loop takes in
+the calls that will make the next group meanwhile.
 
 Groups are bounded: at most `_MAX_GROUP_TURNS` turns, and the writer stops deciding more of a
 group after `_MAX_GROUP_S` of work under the lock (the rest go back to the head of the queue),
@@ -276,6 +277,14 @@ _COMMIT_DELAY_S = 0.003
 # per call (bench/profile_unary.py, two A/Bs of 5-6 rounds).
 _ALONE_IDLE_S = 0.000_2
 _ALONE_MAX_TURNS = 64
+# ... and only while the event loop spent at most this share of the writer's idle time on the
+# CPU. A caller alone on an idle server finds the loop waiting for the network part of that
+# time (at c=1 on a 2-core VM: 0.50-0.59 of it, first to ninth decile); under load, with calls
+# reaching the loop one by one, the loop is busy all along (0.72-1.0). Without this, that VM
+# (fsync ~0.1 ms) fell into committing every call of c=32 alone, each commit blocking the loop
+# that accepts the next call: one allocation per commit, ~900 µs of loop CPU per call, 0.3 x
+# the no-op's calls/s, in about one trial in three (bench/profile_unary.py: c=32 0.78 -> 0.88 x).
+_ALONE_BUSY_MAX = 0.7
 # A group of at least this many allocations commits on the event loop thread too (within
 # _LOOP_MAX_TURNS). Unary AllocateTurnId at c=32 on a 2-core VM, interleaved A/B
 # (bench/profile_unary.py, 5 rounds): every group in the writer thread 0.59-0.72 x the no-op's
@@ -789,6 +798,8 @@ class SqliteStore:
         # finished a group (time.monotonic()): a lone caller is one that came to an idle writer.
         self._first_arrival = 0.0
         self._writer_idle_since = 0.0
+        #: The loop thread's CPU time then (time.thread_time()): see _ALONE_BUSY_MAX.
+        self._writer_idle_cpu = 0.0
         # The write loop is taking groups (the write connection is in use): no lone
         # allocation may commit in its caller meanwhile (see allocate).
         self._writing = False
@@ -935,7 +946,7 @@ class SqliteStore:
         outcome = self._finish_group(opened, on_loop=True) if isinstance(opened, _Open) else None
         if outcome is None:
             return None
-        self._writer_idle_since = time.monotonic()
+        self._went_idle()
         done: asyncio.Future[list[Turn]] = asyncio.get_running_loop().create_future()
         self._finish([(allocation, done)], outcome)  # counted, published, checkpointed
         return done
@@ -952,8 +963,21 @@ class SqliteStore:
             and not self._closing
             and self._write_loop_task is not None
             and allocation.count <= _ALONE_MAX_TURNS
-            and time.monotonic() - self._writer_idle_since >= _ALONE_IDLE_S
+            and self._loop_was_idle()
         )
+
+    def _went_idle(self) -> None:
+        """On the loop, after a commit: when (and at what loop CPU time) the writer went idle."""
+        self._writer_idle_since = time.monotonic()
+        self._writer_idle_cpu = time.thread_time()
+
+    def _loop_was_idle(self) -> bool:
+        """Whether the writer has been idle for _ALONE_IDLE_S, and the event loop mostly idle
+        meanwhile (see _ALONE_BUSY_MAX)."""
+        idle = time.monotonic() - self._writer_idle_since
+        if idle < _ALONE_IDLE_S:
+            return False
+        return time.thread_time() - self._writer_idle_cpu <= idle * _ALONE_BUSY_MAX
 
     async def allocate_many(
         self, allocations: Sequence[Allocation]
@@ -1035,7 +1059,7 @@ class SqliteStore:
                 except Exception as error:  # a bug must fail these calls, not stall the store
                     log.exception("sqlite writer failed")
                     outcome = _Outcome([error] * len(group))
-                self._writer_idle_since = time.monotonic()
+                self._went_idle()
                 self._finish(group, outcome)
             if self._closing:
                 return
