@@ -797,7 +797,6 @@ class SqliteStore:
         # When the queue last went from empty to one allocation, and when the writer last
         # finished a group (time.monotonic()): a lone caller is one that came to an idle writer.
         self._first_arrival = 0.0
-        self._first_arrival_cpu = 0.0  # the loop thread's CPU time then
         self._writer_idle_since = 0.0
         #: The loop thread's CPU time then (time.thread_time()): see _ALONE_BUSY_MAX.
         self._writer_idle_cpu = 0.0
@@ -964,7 +963,7 @@ class SqliteStore:
             and not self._closing
             and self._write_loop_task is not None
             and allocation.count <= _ALONE_MAX_TURNS
-            and self._loop_was_idle(time.monotonic(), time.thread_time())
+            and self._loop_was_idle()
         )
 
     def _went_idle(self) -> None:
@@ -972,14 +971,13 @@ class SqliteStore:
         self._writer_idle_since = time.monotonic()
         self._writer_idle_cpu = time.thread_time()
 
-    def _loop_was_idle(self, now: float, now_cpu: float) -> bool:
-        """Whether an allocation arriving at `now` (the loop thread's CPU time `now_cpu`) is a
-        lone one: the writer had been idle for _ALONE_IDLE_S, and the event loop mostly idle
+    def _loop_was_idle(self) -> bool:
+        """Whether the writer has been idle for _ALONE_IDLE_S, and the event loop mostly idle
         meanwhile (see _ALONE_BUSY_MAX)."""
-        idle = now - self._writer_idle_since
+        idle = time.monotonic() - self._writer_idle_since
         if idle < _ALONE_IDLE_S:
             return False
-        return now_cpu - self._writer_idle_cpu <= idle * _ALONE_BUSY_MAX
+        return time.thread_time() - self._writer_idle_cpu <= idle * _ALONE_BUSY_MAX
 
     async def allocate_many(
         self, allocations: Sequence[Allocation]
@@ -995,7 +993,6 @@ class SqliteStore:
         future: asyncio.Future[list[Turn]] = asyncio.get_running_loop().create_future()
         if not self._pending:
             self._first_arrival = time.monotonic()
-            self._first_arrival_cpu = time.thread_time()
         self._pending.append((allocation, future))
         self._pending_turns += allocation.count
         gathering = self._gathering
@@ -1079,7 +1076,7 @@ class SqliteStore:
         return (
             len(group) == 1
             and group[0].count <= _ALONE_MAX_TURNS
-            and self._loop_was_idle(self._first_arrival, self._first_arrival_cpu)
+            and self._first_arrival - self._writer_idle_since >= _ALONE_IDLE_S
         )
 
     async def _gather(self, target: int) -> None:
