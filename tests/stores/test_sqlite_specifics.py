@@ -614,6 +614,7 @@ async def test_a_lone_allocation_commits_in_its_callers_coroutine(
     (second,) = await committed  # the writer committed it, in a group of its own
     assert (second.turn_id, second.sequence) == ("auto-compact-1", 2)
     busy.close()
+    # Under load: a group as big as the commit delay waits for.
     await store.allocate_many(
         [Allocation(f"u{i}", COMPACTION, 1) for i in range(sqlite_module._COMMIT_SIBLINGS)]
     )

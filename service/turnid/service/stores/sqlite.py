@@ -283,7 +283,8 @@ _ALONE_MAX_TURNS = 64
 # reaching the loop one by one, the loop is busy all along (0.72-1.0). Without this, that VM
 # (fsync ~0.1 ms) fell into committing every call of c=32 alone, each commit blocking the loop
 # that accepts the next call: one allocation per commit, ~900 µs of loop CPU per call, 0.3 x
-# the no-op's calls/s, in about one trial in three (bench/profile_unary.py: c=32 0.78 -> 0.88 x).
+# the no-op's calls/s, in 7 of 30 trials (with this: none of 15 alternating with them;
+# bench/profile_unary.py, three A/Bs: c=32 0.76 -> 0.82, 0.91 -> 0.81, 0.78 -> 0.88 x).
 _ALONE_BUSY_MAX = 0.7
 # A group of at least this many allocations commits on the event loop thread too (within
 # _LOOP_MAX_TURNS). Unary AllocateTurnId at c=32 on a 2-core VM, interleaved A/B
