@@ -5,7 +5,8 @@
     python bench/profile_unary.py --mode client-async ...   (through the Python client instead)
 
 Each variant is a source tree (its `service/` and `client/` go first on PYTHONPATH) whose
-`turnid serve` runs on a fresh SQLite file; the no-op baseline (bench/baseline_server.py) runs
+`turnid serve` runs on a fresh SQLite file (with `--postgres DSN`: in a fresh schema of that
+PostgreSQL database, dropped at the end); the no-op baseline (bench/baseline_server.py) runs
 alongside. Every server is driven by bench/loadgen.py. Rounds are interleaved (one trial of every
 server per round), and each round reports, per server, the server's CPU per call (user + sys
 of the server process, from /proc) at c=1 and c=32, p50 at c=1 and calls/s at c=32, plus the
@@ -38,10 +39,28 @@ PYTHON = sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def _postgres_schema(dsn: str, schema: str, *, drop: bool = False) -> str:
+    """Creates (or drops) `schema` in the database at `dsn`; the URL of a store in it."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE" if drop else f"CREATE SCHEMA {schema}")
+    return f"{dsn}{'&' if '?' in dsn else '?'}options=-csearch_path%3D{schema}"
+
+
 class Server:
-    def __init__(self, name: str, tree: str | None, workdir: Path, strace: Path | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        tree: str | None,
+        workdir: Path,
+        strace: Path | None,
+        postgres: str | None = None,
+    ) -> None:
         self.name = name
         self.log = workdir / f"{name}.log"
+        self.postgres = postgres if tree is not None else None
+        self.schema = f"turnid_profile_{os.getpid()}_{re.sub(r'[^a-z0-9]', '_', name.lower())}"
         env = dict(os.environ)
         if tree is None:
             command = [PYTHON, str(BENCH / "baseline_server.py"), "--listen", "127.0.0.1:0"]
@@ -49,6 +68,8 @@ class Server:
             root = Path(tree).resolve()
             env["PYTHONPATH"] = f"{root / 'service'}:{root / 'client'}"
             database = f"sqlite://{workdir / (name + '.db')}"
+            if postgres is not None:
+                database = _postgres_schema(postgres, self.schema)
             command = [PYTHON, "-m", "turnid.service.cli", "serve", "--listen", "127.0.0.1:0"]
             command += ["--database", database, "--grace", "5", "--drain", "0"]
         if strace is not None:
@@ -95,6 +116,8 @@ class Server:
         self.process.terminate()
         self.process.wait(30)
         self._out.close()
+        if self.postgres is not None:
+            _postgres_schema(self.postgres, self.schema, drop=True)
 
 
 class Load:
@@ -208,6 +231,9 @@ def main() -> int:
     parser.add_argument("--c32-seconds", type=float, default=4.0)
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--strace", action="store_true", help="count syscalls at c=1 instead")
+    parser.add_argument(
+        "--postgres", metavar="DSN", help="run the variants on PostgreSQL (a schema each)"
+    )
     args = parser.parse_args()
     variants: list[tuple[str, str | None]] = [] if args.no_baseline else [("baseline", None)]
     variants += [(name, tree) for name, _, tree in (v.partition("=") for v in args.variant)]
@@ -226,7 +252,9 @@ def main() -> int:
                         calls = int(parts[3])
                         print(f"  {parts[-1]:16} {calls / trial['calls']:6.2f} per call")
             return 0
-        servers = {name: Server(name, tree, workdir, None) for name, tree in variants}
+        servers = {
+            name: Server(name, tree, workdir, None, args.postgres) for name, tree in variants
+        }
         rows: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
         # Every call of a server's c=1 trials (and their warm-ups) commits alone: the rest of
         # its commits are the c=32 trials', for allocations per commit at c=32.
