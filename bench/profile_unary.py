@@ -78,7 +78,15 @@ class Server:
         self.process = subprocess.Popen(
             command, stdout=self._out, stderr=subprocess.STDOUT, env=env
         )
-        self.target = self._wait()
+        try:
+            self.target = self._wait()
+        except BaseException:  # a server that did not start leaves no schema behind
+            self.process.kill()
+            self.process.wait(30)
+            self._out.close()
+            if self.postgres is not None:
+                _postgres_schema(self.postgres, self.schema, drop=True)
+            raise
 
     def _wait(self) -> str:
         deadline = time.monotonic() + 60

@@ -20,10 +20,12 @@ watchers (bench/watchers.py) against the same row without, and the SQLite row wi
 SQLite files live in (4 KiB append + fsync) is sampled between the concurrency-1 rounds, and
 the p50 target is stated in it.
 
-Two floors put the SQLite rows in context, measured beside them: the SQL of a group commit in a
+Three floors put the SQLite rows in context, measured beside them: the SQL of a group commit in a
 plain sqlite3 loop on the store's own file and settings (bench/sqlite_floor.py: a lone allocation,
-and a group of 32), and the client row on the memory store (the client path with no commit to
-wait for).
+and a group of 32), the client row on the memory store (the client path with no commit to
+wait for), and the no-op server with one 4 KiB append + fsync per AllocateTurnId on its event
+loop, beside the SQLite files (what one durable write costs a caller end to end: the c1 targets'
+floor).
 
 Trials are short and interleaved: each of `--trials` rounds runs one trial of every row, and a
 row's figures are medians over the rounds. Service rows show their throughput as a ratio to the
@@ -71,6 +73,9 @@ RSS_ALLOCATIONS = 200_000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 FSYNC_BLOCK = 4096
 BASELINE = "baseline (no-op grpc.aio)"
+# The no-op that first appends 4 KiB and fsyncs it, on its event loop, for every AllocateTurnId:
+# what one durable write costs a caller end to end on this machine (the c1 targets' floor).
+DURABLE_NOOP = "no-op + 4 KiB append + fsync per call"
 BASELINE_BATCH = "baseline batch 1000 (no-op grpc.aio)"
 SQLITE_REALTIME = "AllocateTurnId realtime, SQLite"
 CLIENT_ASYNC_SQLITE = "client AsyncTurnIdClient, SQLite"
@@ -84,7 +89,9 @@ CLIENT_MODES = ("client-async", "client-sync")
 @dataclass
 class Scenario:
     name: str
-    server: str  # "baseline" or a database URL ("sqlite" gets a fresh temp file)
+    # "baseline", "baseline+fsync" (DURABLE_NOOP) or a database URL ("sqlite" gets a fresh
+    # temp file)
+    server: str
     rpc: str = "allocate"  # or "batch"
     kind: int = REALTIME
     workers: int = 1
@@ -127,8 +134,10 @@ class Server:
         if database == "sqlite":
             database = f"sqlite://{workdir / (self.log_path.stem + '.db')}"
         self.database = database
-        if scenario.server == "baseline":
+        if scenario.server.startswith("baseline"):
             command = [PYTHON, str(BENCH / "baseline_server.py"), "--listen", "127.0.0.1:0"]
+            if scenario.server == "baseline+fsync":  # beside the SQLite rows' files
+                command += ["--fsync-dir", str(workdir)]
         else:
             command = [*TURNID, "serve", "--listen", "127.0.0.1:0", "--database", database]
             command += ["--grace", "5", "--drain", "0"]
@@ -944,7 +953,7 @@ def targets(
     selected = {r.scenario.name: r for r in results}
     checks: list[dict[str, Any]] = []
 
-    def check(target: str, names: Sequence[str], evaluate: Callable[..., tuple[str, bool]]):
+    def check(target: str, names: Sequence[str], evaluate: Callable[..., tuple[str, bool]]) -> None:
         rows = [selected.get(name) for name in names]
         if any(r is None for r in rows):  # not selected by --only
             return
@@ -999,7 +1008,9 @@ def targets(
             [name],
             lambda r, limit=limit: (
                 f"+{r.extra['c1_p50_delta_ms']:.2f} ms (limit +{limit:.2f} ms: fsync p50 "
-                f"{fsync['p50_ms']:.2f} ms)" + _sqlite_bound(sqlite_floor),
+                f"{fsync['p50_ms']:.2f} ms)"
+                + _durable_bound(selected.get(DURABLE_NOOP))
+                + _sqlite_bound(sqlite_floor),
                 r.extra["c1_p50_delta_ms"] <= limit,
             ),
         )
@@ -1062,6 +1073,13 @@ def _without_store(memory: Result | None) -> str:
         f"; on the memory store, the same client: {memory.extra['ratio']:.2f} x calls/s, "
         f"{1 / memory.extra['cpu_ratio']:.2f} x CPU"
     )
+
+
+def _durable_bound(durable: Result | None) -> str:
+    """What the no-op pays at c1 for one fsync per call (the DURABLE_NOOP row)."""
+    if durable is None or "c1_p50_delta_ms" not in durable.extra:
+        return ""
+    return f"; the no-op with one fsync per call: +{durable.extra['c1_p50_delta_ms']:.2f} ms"
 
 
 def _sqlite_bound(sqlite_floor: dict[str, Any] | None) -> str:
@@ -1159,6 +1177,7 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
     pg = dsn or ""
     rows = [
         Scenario(BASELINE, "baseline"),
+        Scenario(DURABLE_NOOP, "baseline+fsync"),
         Scenario("AllocateTurnId realtime, memory:", "memory:"),
         Scenario("AllocateTurnId compaction, memory:", "memory:", kind=COMPACTION),
         Scenario(SQLITE_REALTIME, "sqlite", rss=not args.no_rss),

@@ -27,6 +27,7 @@ ASYNC_SQLITE = "client AsyncTurnIdClient, SQLite"
 ASYNC_MEMORY = "client AsyncTurnIdClient, memory:"
 SYNC_SQLITE = "client TurnIdClient, threads, SQLite"
 BATCH = "BatchAllocateTurnIds 1000, SQLite"
+DURABLE_NOOP = "no-op + 4 KiB append + fsync per call"
 
 
 def _row(run: Run, name: str) -> dict[str, Any]:
@@ -99,6 +100,10 @@ LINES: list[tuple[str, Callable[[Run], str]]] = [
         "p50 at c1 over the no-op: unary realtime / compaction / async client / sync client "
         "(limit)",
         _c1_deltas,
+    ),
+    (
+        "... the no-op with one 4 KiB append + fsync per call (its floor)",
+        lambda r: f"{_row(r, DURABLE_NOOP)['c1_p50_delta_ms']:+.2f}",
     ),
     ("BatchAllocateTurnIds(1000), SQLite (ids/s)", _batch),
     (
