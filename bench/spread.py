@@ -18,16 +18,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# The rows' names as make bench writes them (bench/ is on sys.path when this runs as a script).
+from run import BASELINE, DURABLE_NOOP
+from run import CLIENT_ASYNC_MEMORY as ASYNC_MEMORY
+from run import CLIENT_ASYNC_SQLITE as ASYNC_SQLITE
+from run import CLIENT_SYNC_SQLITE as SYNC_SQLITE
+from run import SQLITE_REALTIME as REALTIME
+
 Run = dict[str, Any]
 
-BASELINE = "baseline (no-op grpc.aio)"
-REALTIME = "AllocateTurnId realtime, SQLite"
 COMPACTION = "AllocateTurnId compaction, SQLite"
-ASYNC_SQLITE = "client AsyncTurnIdClient, SQLite"
-ASYNC_MEMORY = "client AsyncTurnIdClient, memory:"
-SYNC_SQLITE = "client TurnIdClient, threads, SQLite"
 BATCH = "BatchAllocateTurnIds 1000, SQLite"
-DURABLE_NOOP = "no-op + 4 KiB append + fsync per call"
 
 
 def _row(run: Run, name: str) -> dict[str, Any]:
