@@ -614,11 +614,16 @@ async def test_a_lone_allocation_commits_in_its_callers_coroutine(
     (second,) = await committed  # the writer committed it, in a group of its own
     assert (second.turn_id, second.sequence) == ("auto-compact-1", 2)
     busy.close()
-    # Under load: a group as big as the commit delay waits for.
-    await store.allocate_many(
-        [Allocation(f"u{i}", COMPACTION, 1) for i in range(sqlite_module._COMMIT_SIBLINGS)]
+    # Under load: a group from as many calls as the commit delay waits for (the writer just
+    # went idle, so none of them commits alone)...
+    store._writer_idle_since = time.monotonic() + 60
+    siblings = sqlite_module._COMMIT_SIBLINGS
+    await asyncio.gather(
+        *(store.allocate(Allocation(f"u{i}", COMPACTION, 1)) for i in range(siblings))
     )
-    assert store.last_group_allocations == sqlite_module._COMMIT_SIBLINGS
+    assert store.last_group_calls == siblings
+    # ... and then, however long writer and loop have been idle, the next call queues.
+    store._writer_idle_since, store._writer_idle_cpu = time.monotonic() - idle, time.thread_time()
     queued = store.allocate(Allocation("t", COMPACTION, 1))
     waiting = queued.send(None)  # it yielded: its future, which the writer will settle
     assert isinstance(waiting, asyncio.Future) and not waiting.done()
@@ -778,6 +783,60 @@ async def test_big_groups_commit_on_the_event_loop_unless_the_disk_is_slow(
     # The disk is quick again: the probes' quick COMMITs fill the window back.
     store._loop_commit_s.extend([0.0001] * sqlite_module._LOOP_COMMIT_WINDOW)
     assert await big_group() == loop_thread
+
+
+async def test_the_commit_delay_counts_calls_not_allocations(opened: Callable[..., Any]) -> None:
+    """After a group from _COMMIT_SIBLINGS calls or more the writer waits for as many calls to
+    queue (or _COMMIT_DELAY_S); an allocate_many is one call however many allocations it holds,
+    so a coalescing client's call never waits for its other one (they would then take turns)."""
+    store = await opened()
+    delays: list[int] = []
+    gather = store._gather
+
+    async def counted(target: int) -> None:
+        delays.append(target)
+        await gather(target)
+
+    store._gather = counted
+
+    def many(prefix: str) -> Any:
+        return store.allocate_many([Allocation(f"{prefix}-{i}", REALTIME, 1) for i in range(16)])
+
+    await asyncio.gather(many("a"), many("b"))  # queued together: one group from two calls
+    assert (store.last_group_allocations, store.last_group_calls) == (32, 2)
+    await many("c")  # 16 queued of the last group's 32 allocations: it goes at once
+    assert (store.last_group_allocations, delays) == (16, [])
+    # Unary calls: a group from _COMMIT_SIBLINGS of them makes the next call wait for more.
+    store._writer_idle_since = time.monotonic() + 60  # none commits alone
+    siblings = sqlite_module._COMMIT_SIBLINGS
+    await asyncio.gather(
+        *(store.allocate(Allocation(f"u{i}", REALTIME, 1)) for i in range(siblings))
+    )
+    assert store.last_group_calls == siblings
+    await store.allocate(Allocation("u0", REALTIME, 1))
+    assert delays == [siblings]
+
+
+async def test_the_slow_disk_test_counts_a_commits_time_off_the_cpu(
+    opened: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a big group's COMMIT on the loop tells of the disk (see _LOOP_COMMIT_MAX_S) is its
+    wall time less the loop thread's CPU time: writing the group's WAL frames is the loop's own
+    work, which grows with the group, not a slow disk."""
+    store = await opened()
+    size = sqlite_module._LOOP_COMMIT_MIN
+
+    async def big_group(prefix: str) -> float:
+        await store.allocate_many([Allocation(f"{prefix}-{i}", REALTIME, 1) for i in range(size)])
+        return store._loop_commit_s[-1]
+
+    # A COMMIT that never left the CPU waited for nothing, however long it took...
+    monkeypatch.setattr(sqlite_module.time, "thread_time", time.monotonic)
+    assert await big_group("cpu") == pytest.approx(0, abs=2e-5)
+    # ... and one that spent no CPU waited all along.
+    monkeypatch.setattr(sqlite_module.time, "thread_time", lambda: 0.0)
+    waited = await big_group("disk")
+    assert 0 < waited <= store.last_commit_seconds
 
 
 async def test_groups_are_bounded_by_time_under_the_lock(

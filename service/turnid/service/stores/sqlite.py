@@ -14,9 +14,9 @@ groups that find the lock held by another process, run in the writer thread (`_W
 whole.
 
 Where such a group's COMMIT (the WAL writes and the fsync) runs depends on its size and on the
-disk. A group of at least `_LOOP_COMMIT_MIN` allocations, while such COMMITs take at most
-`_LOOP_COMMIT_MAX_S` (the median of the last few), and a lone allocation that came to an idle
-writer (`_ALONE_IDLE_S`), commit on the event loop thread itself: the hand-off to the writer
+disk. A group of at least `_LOOP_COMMIT_MIN` allocations, while such COMMITs wait for the disk
+at most `_LOOP_COMMIT_MAX_S` (the median of the last few), and a lone allocation that came to an
+idle writer (`_ALONE_IDLE_S`), commit on the event loop thread itself: the hand-off to the writer
 thread and back costs two thread wake-ups and a GIL hand-over each way, more than the loop would
 have done meanwhile. A lone `allocate()` does not even queue: it commits in its caller's
 coroutine, before that first yields to the loop (`_commit_alone`), unless the loop was busy
@@ -254,13 +254,19 @@ _THREAD_INFO = (
 # keeps deciding more of a group once it holds the write lock.
 _MAX_GROUP_TURNS = 4096
 _MAX_GROUP_S = 0.050
-# Commit delay: after a group of at least _COMMIT_SIBLINGS allocations, the writer waits up to
-# this long (asyncio's timer resolution is 1 ms) before taking the next group, until as many
-# are queued as joined the last one. Each commit costs ~150-200 µs of CPU (BEGIN IMMEDIATE,
-# WAL frames, fsync) whatever its size, so on a CPU-bound server bigger groups mean more
-# allocations per second: at concurrency 32 a fixed 2 ms gave ~12 allocations per commit,
-# 3 ms ~22 and 4 ms ~22 with lower throughput (bench/profile_unary.py, allocations/commit).
-# A caller at concurrency 1 never waits; the first caller after a burst may wait up to 3 ms once.
+# Commit delay: after a group that came from at least _COMMIT_SIBLINGS calls, the writer waits
+# up to this long (asyncio's timer resolution is 1 ms) before taking the next group, until
+# allocations from as many calls are queued as joined the last one. Each commit costs ~150-200
+# µs of CPU (BEGIN IMMEDIATE, WAL frames, fsync) whatever its size, so on a CPU-bound server
+# bigger groups mean more allocations per second: unary calls at concurrency 32, a fixed 2 ms
+# gave ~12 allocations per commit, 3 ms ~22 and 4 ms ~22 with lower throughput
+# (bench/profile_unary.py, allocations/commit). A caller at concurrency 1 never waits; the first
+# caller after a burst may wait up to 3 ms once. It counts calls, not allocations: an
+# AllocateMany from a coalescing client (two in flight, 16 allocations each at 32 callers) is a
+# group already, and waiting for the client's other call made every group hold both, so that
+# server and client took turns instead of overlapping: 3,054-6,615 allocations/s at 0.60-0.76 of
+# a core, against 7,473-9,358 at 0.90-0.96 without the wait (AsyncTurnIdClient from 32 tasks,
+# 3 s trials, with the off-CPU COMMIT test below in both).
 _COMMIT_SIBLINGS = 4
 _COMMIT_DELAY_S = 0.003
 # A lone allocation (the only one queued, arriving after the writer had been idle this long)
@@ -296,11 +302,15 @@ _ALONE_BUSY_MAX = 0.7
 # collapses groups to one allocation (0.37 x): nothing is gathered while the loop commits a
 # small one, so the next is as small.
 _LOOP_COMMIT_MIN = 8
-# ... while the median of the last _LOOP_COMMIT_WINDOW such COMMITs on the loop took at most
-# this long; beyond it the disk is slow and big groups commit in the writer thread, but one in
-# _LOOP_COMMIT_PROBE still commits on the loop, to notice when the disk is quick again. With
-# every fsync delayed by 2 ms (strace inject), committing big groups on the loop took unary c=32
-# from ~1,600 to ~950 calls/s; on this VM's disk (fsync ~0.1 ms) such a COMMIT takes 0.3-0.7 ms.
+# ... while the median of the last _LOOP_COMMIT_WINDOW such COMMITs on the loop waited at most
+# this long off the CPU (wall time less the loop thread's CPU time: the disk's part); beyond it
+# the disk is slow and big groups commit in the writer thread, but one in _LOOP_COMMIT_PROBE
+# still commits on the loop, to notice when the disk is quick again. With every fsync delayed by
+# 2 ms (strace inject), committing big groups on the loop took unary c=32 from ~1,600 to ~950
+# calls/s. The COMMIT's own CPU (its WAL frames: ~400 µs for 16 allocations on 16 threads, ~2
+# pwrites and a checksum per page) is not the disk: judged on wall time, groups of 32 from the
+# coalescing client (COMMIT ~1 ms with an fsync of 0.2 ms) flapped to the writer thread and
+# stayed there for hundreds of groups, at about half the throughput.
 _LOOP_COMMIT_MAX_S = 0.001
 _LOOP_COMMIT_WINDOW = 16
 _LOOP_COMMIT_PROBE = 64
@@ -675,7 +685,9 @@ class _Open:
     started: float  # time.monotonic() before BEGIN
 
 
-_Pending = tuple[Allocation, asyncio.Future[list[Turn]]]
+# A queued allocation, its caller's future, and whether it is the first (or only) allocation of
+# its call: the commit delay counts calls, not allocations (see _COMMIT_SIBLINGS).
+_Pending = tuple[Allocation, asyncio.Future[list[Turn]], bool]
 _Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any] | Future[Any]"]
 
 
@@ -795,6 +807,7 @@ class SqliteStore:
         self._poll_conn: sqlite3.Connection | None = None
         self._pending: deque[_Pending] = deque()
         self._pending_turns = 0
+        self._pending_calls = 0  # how many calls the queued allocations came from
         # When the queue last went from empty to one allocation, and when the writer last
         # finished a group (time.monotonic()): a lone caller is one that came to an idle writer.
         self._first_arrival = 0.0
@@ -828,6 +841,7 @@ class SqliteStore:
         self.dropped = 0  # queued allocations dropped because their caller had given up
         self.last_group_allocations = 0
         self.last_group_turns = 0
+        self.last_group_calls = 0  # how many calls the last group's allocations came from
         self.last_commit_seconds = 0.0
         #: Called on the event loop after each commit with (allocations, turns, seconds from
         #: BEGIN IMMEDIATE to the end of COMMIT). Keep it cheap; exceptions are logged.
@@ -949,7 +963,7 @@ class SqliteStore:
             return None
         self._went_idle()
         done: asyncio.Future[list[Turn]] = asyncio.get_running_loop().create_future()
-        self._finish([(allocation, done)], outcome)  # counted, published, checkpointed
+        self._finish([(allocation, done, True)], outcome)  # counted, published, checkpointed
         return done
 
     def _idle_for(self, allocation: Allocation) -> bool:
@@ -959,7 +973,7 @@ class SqliteStore:
         return (
             not self._writing
             and not self._pending
-            and self.last_group_allocations < _COMMIT_SIBLINGS
+            and self.last_group_calls < _COMMIT_SIBLINGS
             and not self._memory
             and not self._closing
             and self._write_loop_task is not None
@@ -983,10 +997,21 @@ class SqliteStore:
     async def allocate_many(
         self, allocations: Sequence[Allocation]
     ) -> list[list[Turn] | Exception]:
-        return await allocate_queued(self._enqueue, allocations)
+        opens_call = True
 
-    def _enqueue(self, allocation: Allocation) -> asyncio.Future[list[Turn]]:
-        """Queue an allocation for the writer: its future has its turns once committed."""
+        def enqueue(allocation: Allocation) -> asyncio.Future[list[Turn]]:
+            nonlocal opens_call
+            future = self._enqueue(allocation, opens_call)
+            opens_call = False
+            return future
+
+        return await allocate_queued(enqueue, allocations)
+
+    def _enqueue(
+        self, allocation: Allocation, opens_call: bool = True
+    ) -> asyncio.Future[list[Turn]]:
+        """Queue an allocation for the writer: its future has its turns once committed.
+        `opens_call`: the first allocation of its call (an allocate_many queues many)."""
         if self._closing or self._write_loop_task is None:
             raise store_unavailable("store is closing" if self._closing else "store is not open")
         if self._pending and self._pending_turns + allocation.count > self._max_pending:
@@ -994,10 +1019,11 @@ class SqliteStore:
         future: asyncio.Future[list[Turn]] = asyncio.get_running_loop().create_future()
         if not self._pending:
             self._first_arrival = time.monotonic()
-        self._pending.append((allocation, future))
+        self._pending.append((allocation, future, opens_call))
         self._pending_turns += allocation.count
+        self._pending_calls += opens_call
         gathering = self._gathering
-        if gathering is not None and len(self._pending) >= self._gather_target:
+        if gathering is not None and self._pending_calls >= self._gather_target:
             self._gathering = None
             if not gathering.done():  # the delay may have run out already
                 gathering.set_result(None)
@@ -1011,15 +1037,17 @@ class SqliteStore:
         group: list[_Pending] = []
         turns = 0
         while pending:
-            allocation, future = pending[0]
+            entry = pending[0]
+            allocation, future, opens_call = entry
             if not future.done() and group and turns + allocation.count > _MAX_GROUP_TURNS:
                 break
             pending.popleft()
             self._pending_turns -= allocation.count
+            self._pending_calls -= opens_call
             if future.done():  # the caller gave up (deadline, cancelled): write nothing
                 self.dropped += 1
                 continue
-            group.append((allocation, future))
+            group.append(entry)
             turns += allocation.count
         return group
 
@@ -1031,18 +1059,18 @@ class SqliteStore:
             self._writing = True
             while self._pending:
                 if (
-                    self.last_group_allocations >= _COMMIT_SIBLINGS
-                    and len(self._pending) < self.last_group_allocations
+                    self.last_group_calls >= _COMMIT_SIBLINGS
+                    and self._pending_calls < self.last_group_calls
                 ):
-                    # Requests are arriving faster than commits finish, and fewer are queued
+                    # Calls are arriving faster than commits finish, and fewer are queued
                     # than joined the last group: let more join this one, so that one fsync
                     # serves them all (cf. PostgreSQL's commit_delay), until as many are
                     # queued as joined the last group, or for _COMMIT_DELAY_S at most.
-                    await self._gather(self.last_group_allocations)
+                    await self._gather(self.last_group_calls)
                 group = self._take_group()
                 if not group:
                     continue
-                allocations = [allocation for allocation, _ in group]
+                allocations = [allocation for allocation, _, _ in group]
                 try:
                     outcome = None
                     if not self._memory and sum(a.count for a in allocations) <= _LOOP_MAX_TURNS:
@@ -1095,7 +1123,7 @@ class SqliteStore:
         """On the event loop: resolve the decided futures, requeue the rest at the head,
         publish the changed threads, count and report the commits."""
         decided = len(outcome.results)
-        for (_, future), result in zip(group, outcome.results, strict=False):
+        for (_, future, _), result in zip(group, outcome.results, strict=False):
             if future.done():  # the caller gave up meanwhile; the write stands
                 continue
             if isinstance(result, BaseException):
@@ -1105,7 +1133,9 @@ class SqliteStore:
         rest = group[decided:]
         if rest:  # the group ran out of time under the lock: they go first next time
             self._pending.extendleft(reversed(rest))
-            self._pending_turns += sum(allocation.count for allocation, _ in rest)
+            self._pending_turns += sum(allocation.count for allocation, _, _ in rest)
+            self._pending_calls += sum(opens_call for _, _, opens_call in rest)
+        self.last_group_calls = sum(opens_call for _, _, opens_call in group[:decided])
         for key in outcome.changed:
             self.changes.publish(key)
         for allocations, turns, seconds in outcome.commits:
@@ -1242,12 +1272,17 @@ class SqliteStore:
         try:
             self._commit_epoch += 1  # before COMMIT: the poller must not take it for theirs
             committing = time.monotonic()
+            committing_cpu = time.thread_time()
             opened.cursor.execute("COMMIT")
         except BaseException as error:
             return self._failed(error, opened.decided, on_loop)
         done = time.monotonic()
         if on_loop and len(opened.decided) >= _LOOP_COMMIT_MIN:
-            self._loop_commit_s.append(done - committing)
+            # What the loop waited for the disk: the COMMIT's time off the CPU (its own work,
+            # writing the group's WAL frames, grows with the group and is no sign of a slow
+            # disk).
+            off_cpu = (done - committing) - (time.thread_time() - committing_cpu)
+            self._loop_commit_s.append(off_cpu)
         outcome, batch = opened.outcome, opened.batch
         seconds = done - opened.started
         outcome.changed.update(batch.changed())
