@@ -255,18 +255,18 @@ _THREAD_INFO = (
 _MAX_GROUP_TURNS = 4096
 _MAX_GROUP_S = 0.050
 # Commit delay: after a group that came from at least _COMMIT_SIBLINGS calls, the writer waits
-# up to this long (asyncio's timer resolution is 1 ms) before taking the next group, until
-# allocations from as many calls are queued as joined the last one. Each commit costs ~150-200
-# µs of CPU (BEGIN IMMEDIATE, WAL frames, fsync) whatever its size, so on a CPU-bound server
-# bigger groups mean more allocations per second: unary calls at concurrency 32, a fixed 2 ms
-# gave ~12 allocations per commit, 3 ms ~22 and 4 ms ~22 with lower throughput
-# (bench/profile_unary.py, allocations/commit). A caller at concurrency 1 never waits; the first
-# caller after a burst may wait up to 3 ms once. It counts calls, not allocations: an
-# AllocateMany from a coalescing client (two in flight, 16 allocations each at 32 callers) is a
-# group already, and waiting for the client's other call made every group hold both, so that
-# server and client took turns instead of overlapping: 3,054-6,615 allocations/s at 0.60-0.76 of
-# a core, against 7,473-9,358 at 0.90-0.96 without the wait (AsyncTurnIdClient from 32 tasks,
-# 3 s trials, with the off-CPU COMMIT test below in both).
+# up to this long (asyncio's timer resolution is 1 ms) before taking the next group, until as
+# many calls, or as many allocations, are queued as joined the last one (it waits only while
+# both are short). Each commit costs ~150-200 µs of CPU (BEGIN IMMEDIATE, WAL frames, fsync)
+# whatever its size, so on a CPU-bound server bigger groups mean more allocations per second:
+# unary calls at concurrency 32, a fixed 2 ms gave ~12 allocations per commit, 3 ms ~22 and 4 ms
+# ~22 with lower throughput (bench/profile_unary.py, allocations/commit). A caller at
+# concurrency 1 never waits; the first caller after a burst may wait up to 3 ms once. Calls, not
+# only allocations: an AllocateMany from a coalescing client (two in flight, 16 allocations each
+# at 32 callers) is a group already, and waiting for the client's other call made every group
+# hold both, so that server and client took turns instead of overlapping: AsyncTurnIdClient
+# from 32 tasks (3 s trials), 5,764-6,844 allocations/s at 0.71-0.76 of a core with the wait,
+# 7,473-9,358 at 0.90-0.96 without it (both with the off-CPU COMMIT test below).
 _COMMIT_SIBLINGS = 4
 _COMMIT_DELAY_S = 0.003
 # A lone allocation (the only one queued, arriving after the writer had been idle this long)
@@ -303,9 +303,10 @@ _ALONE_BUSY_MAX = 0.7
 # small one, so the next is as small.
 _LOOP_COMMIT_MIN = 8
 # ... while the median of the last _LOOP_COMMIT_WINDOW such COMMITs on the loop waited at most
-# this long off the CPU (wall time less the loop thread's CPU time: the disk's part); beyond it
-# the disk is slow and big groups commit in the writer thread, but one in _LOOP_COMMIT_PROBE
-# still commits on the loop, to notice when the disk is quick again. With every fsync delayed by
+# this long off the CPU (wall time less the loop thread's CPU time: mostly the disk, with any
+# wait for the GIL or a CPU); beyond it the disk is slow and big groups commit in the writer
+# thread, but one in _LOOP_COMMIT_PROBE still commits on the loop, to notice when the disk is
+# quick again. With every fsync delayed by
 # 2 ms (strace inject), committing big groups on the loop took unary c=32 from ~1,600 to ~950
 # calls/s. The COMMIT's own CPU (its WAL frames: ~400 µs for 16 allocations on 16 threads, ~2
 # pwrites and a checksum per page) is not the disk: judged on wall time, groups of 32 from the
@@ -817,15 +818,16 @@ class SqliteStore:
         # The write loop is taking groups (the write connection is in use): no lone
         # allocation may commit in its caller meanwhile (see allocate).
         self._writing = False
-        # How long the last big groups' COMMITs on the loop took, and how many big groups
-        # committed in the writer thread since the last probe (see _LOOP_COMMIT_MAX_S).
+        # How long the last big groups' COMMITs on the loop waited off the CPU, and how many
+        # big groups committed in the writer thread since the last probe (_LOOP_COMMIT_MAX_S).
         self._loop_commit_s: deque[float] = deque(maxlen=_LOOP_COMMIT_WINDOW)
         self._big_groups_off_loop = 0
         self._wakeup = asyncio.Event()
-        # While the writer waits for a group to fill (commit delay): resolved when
-        # _gather_target allocations are queued.
+        # While the writer waits for a group to fill (commit delay): resolved when allocations
+        # from _gather_calls calls, or _gather_allocations allocations, are queued.
         self._gathering: asyncio.Future[None] | None = None
-        self._gather_target = 0
+        self._gather_calls = 0
+        self._gather_allocations = 0
         self._closing = False
         self._write_loop_task: asyncio.Task[None] | None = None
         self._poll_task: asyncio.Task[None] | None = None
@@ -1023,7 +1025,10 @@ class SqliteStore:
         self._pending_turns += allocation.count
         self._pending_calls += opens_call
         gathering = self._gathering
-        if gathering is not None and self._pending_calls >= self._gather_target:
+        if gathering is not None and (
+            self._pending_calls >= self._gather_calls
+            or len(self._pending) >= self._gather_allocations
+        ):
             self._gathering = None
             if not gathering.done():  # the delay may have run out already
                 gathering.set_result(None)
@@ -1040,6 +1045,9 @@ class SqliteStore:
             entry = pending[0]
             allocation, future, opens_call = entry
             if not future.done() and group and turns + allocation.count > _MAX_GROUP_TURNS:
+                if not opens_call:  # the rest of a call that began in this group
+                    pending[0] = (allocation, future, True)
+                    self._pending_calls += 1
                 break
             pending.popleft()
             self._pending_turns -= allocation.count
@@ -1061,12 +1069,14 @@ class SqliteStore:
                 if (
                     self.last_group_calls >= _COMMIT_SIBLINGS
                     and self._pending_calls < self.last_group_calls
+                    and len(self._pending) < self.last_group_allocations
                 ):
                     # Calls are arriving faster than commits finish, and fewer are queued
-                    # than joined the last group: let more join this one, so that one fsync
-                    # serves them all (cf. PostgreSQL's commit_delay), until as many are
-                    # queued as joined the last group, or for _COMMIT_DELAY_S at most.
-                    await self._gather(self.last_group_calls)
+                    # than joined the last group (in calls and in allocations): let more join
+                    # this one, so that one fsync serves them all (cf. PostgreSQL's
+                    # commit_delay), until as many are queued as joined the last group, or for
+                    # _COMMIT_DELAY_S at most.
+                    await self._gather(self.last_group_calls, self.last_group_allocations)
                 group = self._take_group()
                 if not group:
                     continue
@@ -1108,10 +1118,10 @@ class SqliteStore:
             and self._first_arrival - self._writer_idle_since >= _ALONE_IDLE_S
         )
 
-    async def _gather(self, target: int) -> None:
+    async def _gather(self, calls: int, allocations: int) -> None:
         loop = asyncio.get_running_loop()
         gathering = self._gathering = loop.create_future()
-        self._gather_target = target
+        self._gather_calls, self._gather_allocations = calls, allocations
         timer = loop.call_later(_COMMIT_DELAY_S, _settle, gathering, None, None)
         try:
             await gathering
@@ -1132,6 +1142,8 @@ class SqliteStore:
                 future.set_result(result)
         rest = group[decided:]
         if rest:  # the group ran out of time under the lock: they go first next time
+            allocation, future, _ = rest[0]
+            rest[0] = (allocation, future, True)  # it may be the rest of a call: now its own
             self._pending.extendleft(reversed(rest))
             self._pending_turns += sum(allocation.count for allocation, _, _ in rest)
             self._pending_calls += sum(opens_call for _, _, opens_call in rest)
@@ -1272,15 +1284,15 @@ class SqliteStore:
         try:
             self._commit_epoch += 1  # before COMMIT: the poller must not take it for theirs
             committing = time.monotonic()
-            committing_cpu = time.thread_time()
+            committing_cpu = time.thread_time() if on_loop else 0.0
             opened.cursor.execute("COMMIT")
         except BaseException as error:
             return self._failed(error, opened.decided, on_loop)
         done = time.monotonic()
         if on_loop and len(opened.decided) >= _LOOP_COMMIT_MIN:
-            # What the loop waited for the disk: the COMMIT's time off the CPU (its own work,
-            # writing the group's WAL frames, grows with the group and is no sign of a slow
-            # disk).
+            # What the loop waited for: the COMMIT's time off the CPU, mostly the disk (also
+            # any wait for the GIL or for a CPU); its own work, writing the group's WAL frames,
+            # grows with the group and is no sign of a slow disk.
             off_cpu = (done - committing) - (time.thread_time() - committing_cpu)
             self._loop_commit_s.append(off_cpu)
         outcome, batch = opened.outcome, opened.batch
