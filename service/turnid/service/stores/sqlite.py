@@ -306,12 +306,12 @@ _LOOP_COMMIT_MIN = 8
 # this long off the CPU (wall time less the loop thread's CPU time: mostly the disk, with any
 # wait for the GIL or a CPU); beyond it the disk is slow and big groups commit in the writer
 # thread, but one in _LOOP_COMMIT_PROBE still commits on the loop, to notice when the disk is
-# quick again. With every fsync delayed by
-# 2 ms (strace inject), committing big groups on the loop took unary c=32 from ~1,600 to ~950
-# calls/s. The COMMIT's own CPU (its WAL frames: ~400 µs for 16 allocations on 16 threads, ~2
-# pwrites and a checksum per page) is not the disk: judged on wall time, groups of 32 from the
-# coalescing client (COMMIT ~1 ms with an fsync of 0.2 ms) flapped to the writer thread and
-# stayed there for hundreds of groups, at about half the throughput.
+# quick again. With every fsync delayed by 2 ms (strace inject), committing big groups on the
+# loop took unary c=32 from ~1,600 to ~950 calls/s. The COMMIT's own CPU (its WAL frames: ~400
+# µs for 16 allocations on 16 threads, ~2 pwrites and a checksum per page) is not the disk:
+# judged on wall time, groups of 32 from the coalescing client (COMMIT ~1 ms with an fsync of
+# 0.2 ms) flapped to the writer thread and stayed there for hundreds of groups, at about half
+# the throughput.
 _LOOP_COMMIT_MAX_S = 0.001
 _LOOP_COMMIT_WINDOW = 16
 _LOOP_COMMIT_PROBE = 64
