@@ -99,16 +99,44 @@ async def test_file_is_wal_with_full_sync_current_schema_and_a_short_busy_timeou
         name: store._write_conn.execute(f"PRAGMA {name}").fetchone()[0]
         for name in ("journal_mode", "synchronous", "user_version", "busy_timeout")
     }
-    # busy_timeout below the client's 10 s default deadline (invariant 9).
+    # At rest the write connection never waits for the lock (a group on the event loop must
+    # not); only the writer thread's BEGIN does, for busy_timeout (below).
     assert pragmas == {
         "journal_mode": "wal",
         "synchronous": 2,
         "user_version": len(MIGRATIONS),
-        "busy_timeout": 5000,
+        "busy_timeout": 0,
     }
-    other = await opened(tmp_path / "other.db", busy_timeout_s=0.25)
-    assert other._write_conn is not None
-    assert other._write_conn.execute("PRAGMA busy_timeout").fetchone()[0] == 250
+    assert store._busy_timeout_s == 5.0  # below the client's 10 s default deadline (inv. 9)
+
+
+async def test_a_group_waits_busy_timeout_for_a_lock_held_elsewhere_and_the_loop_never_does(
+    tmp_path: Path, opened: Callable[..., Any]
+) -> None:
+    path = tmp_path / "t.db"
+    store = await opened(path, busy_timeout_s=0.25)
+    statements: list[tuple[str, str]] = []
+    assert store._write_conn is not None
+    store._write_conn.set_trace_callback(
+        lambda sql: statements.append((threading.current_thread().name, sql))
+    )
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+    try:
+        started = time.monotonic()
+        with pytest.raises(TurnIdError) as caught:
+            await store.allocate(Allocation("t", COMPACTION, 1, "rid"))
+        assert caught.value.reason == "STORE_UNAVAILABLE"
+        assert time.monotonic() - started >= 0.25  # it waited for the lock, then gave up
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    statements.clear()
+    await store.allocate_many([Allocation(f"t{n}", COMPACTION, 1) for n in range(3)])
+    loop_thread = threading.current_thread().name
+    on_loop = [sql for thread, sql in statements if thread == loop_thread]
+    assert on_loop[0] == "BEGIN IMMEDIATE"
+    assert not [sql for sql in on_loop if sql.startswith("PRAGMA")]
 
 
 @pytest.mark.parametrize("url", ["sqlite::memory:", "sqlite://:memory:"])
@@ -796,6 +824,22 @@ async def test_big_groups_commit_on_the_event_loop_unless_the_disk_is_slow(
     # The disk is quick again: the probes' quick COMMITs fill the window back.
     store._loop_commit_s.extend([0.0001] * sqlite_module._LOOP_COMMIT_WINDOW)
     assert await big_group() == loop_thread
+
+
+async def test_one_quick_commit_among_slow_ones_means_the_disk_is_quick(
+    opened: Callable[..., Any],
+) -> None:
+    """A COMMIT's time off the CPU is the disk plus the waits for the GIL and a CPU after it,
+    which only add: the disk is slow only when every COMMIT of the window waited long."""
+    store = await opened()
+    size = sqlite_module._LOOP_COMMIT_MIN
+    window = sqlite_module._LOOP_COMMIT_WINDOW
+    slow, quick = sqlite_module._LOOP_COMMIT_MAX_S * 5, sqlite_module._LOOP_COMMIT_MAX_S / 2
+    group = [Allocation(f"t-{i}", REALTIME, 1) for i in range(size)]
+    store._loop_commit_s.extend([slow] * (window - 1) + [quick])  # most waited, one did not
+    assert store._commits_on_loop(group)
+    store._loop_commit_s.extend([slow] * window)
+    assert not store._commits_on_loop(group)
 
 
 async def test_the_commit_delay_counts_calls_not_allocations(opened: Callable[..., Any]) -> None:

@@ -14,8 +14,8 @@ groups that find the lock held by another process, run in the writer thread (`_W
 whole.
 
 Where such a group's COMMIT (the WAL writes and the fsync) runs depends on its size and on the
-disk. A group of at least `_LOOP_COMMIT_MIN` allocations, while such COMMITs wait for the disk
-at most `_LOOP_COMMIT_MAX_S` (the median of the last few), and a lone allocation that came to an
+disk. A group of at least `_LOOP_COMMIT_MIN` allocations, unless all of the last few such
+COMMITs waited longer than `_LOOP_COMMIT_MAX_S` for the disk, and a lone allocation that came to an
 idle writer (`_ALONE_IDLE_S`), commit on the event loop thread itself: the hand-off to the writer
 thread and back costs two thread wake-ups and a GIL hand-over each way, more than the loop would
 have done meanwhile. A lone `allocate()` does not even queue: it commits in its caller's
@@ -302,17 +302,25 @@ _ALONE_BUSY_MAX = 0.7
 # collapses groups to one allocation (0.37 x): nothing is gathered while the loop commits a
 # small one, so the next is as small.
 _LOOP_COMMIT_MIN = 8
-# ... while the median of the last _LOOP_COMMIT_WINDOW such COMMITs on the loop waited at most
-# this long off the CPU (wall time less the loop thread's CPU time: mostly the disk, with any
-# wait for the GIL or a CPU); beyond it the disk is slow and big groups commit in the writer
-# thread, but one in _LOOP_COMMIT_PROBE still commits on the loop, to notice when the disk is
-# quick again. With every fsync delayed by 2 ms (strace inject), committing big groups on the
-# loop took unary c=32 from ~1,600 to ~950 calls/s. The COMMIT's own CPU (its WAL frames: ~400
-# µs for 16 allocations on 16 threads, ~2 pwrites and a checksum per page) is not the disk:
-# judged on wall time, groups of 32 from the coalescing client (COMMIT ~1 ms with an fsync of
-# 0.2 ms) flapped to the writer thread and stayed there for hundreds of groups, at about half
-# the throughput.
-_LOOP_COMMIT_MAX_S = 0.001
+# ... while the least of the last _LOOP_COMMIT_WINDOW such COMMITs on the loop waited at most
+# this long off the CPU (wall time less the loop thread's CPU time); when all of them waited
+# longer the disk is slow, and big groups commit in the writer thread, but one in
+# _LOOP_COMMIT_PROBE still commits on the loop, to notice when the disk is quick again. With
+# every fsync delayed by 2 ms (strace inject), committing big groups on the loop took unary
+# c=32 from ~1,600 to ~950 calls/s. The COMMIT's own CPU (its WAL frames: ~400 µs for 16
+# allocations on 16 threads, ~2 pwrites and a checksum per page) is not the disk: judged on
+# wall time, groups of 32 from the coalescing client (COMMIT ~1 ms with an fsync of 0.2 ms)
+# flapped to the writer thread and stayed there for hundreds of groups, at about half the
+# throughput. The least, and 2 ms: the time off the CPU is the disk (a big group's COMMIT
+# flushes ~40-80 pages) plus the waits for the GIL and for a CPU once the fsync is done, and
+# those only add. On a loaded 2-core VM (AsyncTurnIdClient from 32 tasks, fsync p50 0.13-0.28
+# ms) groups of 16 waited 0.5-5.6 ms off the CPU, median ~1.0 ms, the least of 16 in a row
+# 0.6-0.8 ms, and runs of 16 over 1 ms came often: judged on the median over 1 ms, 80% of the
+# groups committed in the writer thread; on the least over 1 ms, 20-40%; on the least over 2
+# ms, none, and 2.04-2.16 against 1.72-2.02 x the no-op's calls/s (bench/profile_unary.py
+# --mode client-async, three A/Bs). With the fsyncs delayed by 2 ms (strace inject) the least
+# was 3.3 ms and all but the probes went to the writer thread.
+_LOOP_COMMIT_MAX_S = 0.002
 _LOOP_COMMIT_WINDOW = 16
 _LOOP_COMMIT_PROBE = 64
 # A group of up to this many turns is decided and written on the event loop thread, inside
@@ -900,6 +908,9 @@ class SqliteStore:
         conn = _connect(self.path, self._busy_timeout_s)
         try:
             migrate(conn)
+            # Only the writer thread's BEGIN waits for the lock (_begin_waiting): a group on
+            # the loop must not, and setting the timeout per group cost two statements each.
+            conn.execute("PRAGMA busy_timeout=0")
             if not self._memory:
                 conn.execute("PRAGMA wal_autocheckpoint=0")  # the store's own: _checkpoint
             (self._writer_data_version,) = conn.execute("PRAGMA data_version").fetchone()
@@ -1108,7 +1119,7 @@ class SqliteStore:
         if len(group) >= _LOOP_COMMIT_MIN:
             took = self._loop_commit_s
             quick = len(took) < _LOOP_COMMIT_WINDOW  # nothing known yet
-            if quick or sorted(took)[len(took) // 2] <= _LOOP_COMMIT_MAX_S:
+            if quick or min(took) <= _LOOP_COMMIT_MAX_S:
                 return True
             self._big_groups_off_loop += 1
             return self._big_groups_off_loop % _LOOP_COMMIT_PROBE == 0
@@ -1253,7 +1264,7 @@ class SqliteStore:
                 if not self._begin_at_once(cursor):
                     return None
             else:
-                cursor.execute("BEGIN IMMEDIATE")
+                self._begin_waiting(cursor)
             deadline = time.monotonic() + _MAX_GROUP_S
             batch = _Batch(cursor)
             batch.prefetch(group)
@@ -1336,17 +1347,23 @@ class SqliteStore:
         return _Outcome([mapped or error] * len(decided))
 
     def _begin_at_once(self, cursor: sqlite3.Cursor) -> bool:
-        """BEGIN IMMEDIATE without waiting: False when another connection holds the lock."""
-        cursor.execute("PRAGMA busy_timeout=0")
+        """BEGIN IMMEDIATE without waiting (the write connection's busy_timeout is 0): False
+        when another connection holds the lock."""
         try:
             cursor.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as error:
             if getattr(error, "sqlite_errorname", "").startswith("SQLITE_BUSY"):
                 return False
             raise
-        finally:
-            cursor.execute(f"PRAGMA busy_timeout={round(self._busy_timeout_s * 1000)}")
         return True
+
+    def _begin_waiting(self, cursor: sqlite3.Cursor) -> None:
+        """In the writer thread: BEGIN IMMEDIATE, waiting up to busy_timeout for the lock."""
+        cursor.execute(f"PRAGMA busy_timeout={round(self._busy_timeout_s * 1000)}")
+        try:
+            cursor.execute("BEGIN IMMEDIATE")
+        finally:
+            cursor.execute("PRAGMA busy_timeout=0")
 
     def _apply(self, batch: _Batch, allocation: Allocation, now_us: int) -> list[Turn]:
         """Decide one allocation of the group: its turns, or a refusal (TurnIdError).
