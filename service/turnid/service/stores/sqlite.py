@@ -311,8 +311,8 @@ _LOOP_COMMIT_MIN = 8
 # allocations on 16 threads, ~2 pwrites and a checksum per page) is not the disk: judged on
 # wall time, groups of 32 from the coalescing client (COMMIT ~1 ms with an fsync of 0.2 ms)
 # flapped to the writer thread and stayed there for hundreds of groups, at about half the
-# throughput. The least, and 2 ms: the time off the CPU is the disk (a big group's COMMIT
-# flushes ~40-80 pages) plus the waits for the GIL and for a CPU once the fsync is done, and
+# throughput. The least, and 2 ms: the time off the CPU is the disk (a COMMIT of 16 on 16
+# threads flushes ~40 pages) plus the waits for the GIL and for a CPU once the fsync is done, and
 # those only add. On a loaded 2-core VM (AsyncTurnIdClient from 32 tasks, fsync p50 0.13-0.28
 # ms) groups of 16 waited 0.5-5.6 ms off the CPU, median ~1.0 ms, the least of 16 in a row
 # 0.6-0.8 ms, and runs of 16 over 1 ms came often: judged on the median over 1 ms, 80% of the
