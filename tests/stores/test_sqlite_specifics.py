@@ -637,11 +637,13 @@ async def test_a_lone_allocation_commits_in_its_callers_coroutine(
     busy = store.allocate(Allocation("t", COMPACTION, 1))
     waiting = busy.send(None)
     assert isinstance(waiting, asyncio.Future) and not waiting.done()
-    committed: asyncio.Future[list[Turn]] = asyncio.get_running_loop().create_future()
-    waiting.add_done_callback(lambda done: committed.set_result(done.result()))
-    (second,) = await committed  # the writer committed it, in a group of its own
+    committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    waiting.add_done_callback(lambda _: committed.set_result(None))
+    await committed  # the writer committed it, in a group of its own
+    with pytest.raises(StopIteration) as finished:
+        busy.send(None)
+    (second,) = finished.value.value
     assert (second.turn_id, second.sequence) == ("auto-compact-1", 2)
-    busy.close()
     # Under load: a group from as many calls as the commit delay waits for (the writer is
     # not idle long enough for any of them to commit alone)...
     store._writer_idle_since = time.monotonic() + 60
@@ -975,6 +977,44 @@ async def test_requests_whose_caller_gave_up_are_not_written(
     assert store._write_conn is not None
     assert store._write_conn.execute(
         "SELECT count(*) FROM requests WHERE request_id = 'gave-up'"
+    ).fetchone() == (0,)
+
+
+async def test_an_allocate_many_whose_caller_gave_up_writes_none_of_its_allocations(
+    tmp_path: Path, opened: Callable[..., Any]
+) -> None:
+    """A call's allocations share one future: cancelling it drops every one still queued."""
+    path = tmp_path / "t.db"
+    store = await opened(path)
+    formed = asyncio.Event()
+    take_group = store._take_group
+
+    def take() -> Any:
+        group = take_group()
+        formed.set()
+        return group
+
+    store._take_group = take
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # the writer's next group waits for the lock
+    first = asyncio.create_task(store.allocate(Allocation("t", COMPACTION, 1, "first")))
+    await asyncio.wait_for(formed.wait(), 10)
+    given_up = [Allocation(f"g{i}", COMPACTION, 1, f"gave-up-{i}") for i in range(3)]
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(store.allocate_many(given_up), 0.05)
+    kept = asyncio.create_task(
+        store.allocate_many([Allocation("t", COMPACTION, 1, "kept"), Allocation("g0", USER, 1)])
+    )
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    (a,) = await asyncio.wait_for(first, 10)
+    b, c = await asyncio.wait_for(kept, 10)
+    assert isinstance(b, list) and isinstance(c, list)
+    assert (a.sequence, b[0].sequence, c[0].sequence) == (1, 2, 1)
+    assert store.dropped == 3
+    assert store._write_conn is not None
+    assert store._write_conn.execute(
+        "SELECT count(*) FROM requests WHERE request_id LIKE 'gave-up-%'"
     ).fetchone() == (0,)
 
 
