@@ -980,11 +980,12 @@ async def test_a_broken_commit_hook_does_not_stop_the_writer(opened: Callable[..
     assert turn.sequence == 2
 
 
-async def test_requests_whose_caller_gave_up_are_not_written(
-    tmp_path: Path, opened: Callable[..., Any]
-) -> None:
-    path = tmp_path / "t.db"
-    store = await opened(path)
+async def _a_group_waiting_for_the_lock(
+    store: SqliteStore, path: Path
+) -> tuple[sqlite3.Connection, asyncio.Task[list[Turn]]]:
+    """Hold the file's write lock on another connection, and queue an allocation ("first" on
+    thread "t") whose group waits for it: what the writer takes next stays queued meanwhile.
+    Returns the connection (ROLLBACK and close it to let the writer on) and the allocation."""
     formed = asyncio.Event()
     take_group = store._take_group
 
@@ -998,6 +999,15 @@ async def test_requests_whose_caller_gave_up_are_not_written(
     blocker.execute("BEGIN IMMEDIATE")  # the writer's next group waits for the lock
     first = asyncio.create_task(store.allocate(Allocation("t", COMPACTION, 1, "first")))
     await asyncio.wait_for(formed.wait(), 10)  # "first" is in a group, waiting for the lock
+    return blocker, first
+
+
+async def test_requests_whose_caller_gave_up_are_not_written(
+    tmp_path: Path, opened: Callable[..., Any]
+) -> None:
+    path = tmp_path / "t.db"
+    store = await opened(path)
+    blocker, first = await _a_group_waiting_for_the_lock(store, path)
     with pytest.raises(TimeoutError):  # a caller's deadline runs out while it is queued
         await asyncio.wait_for(store.allocate(Allocation("t", COMPACTION, 1, "gave-up")), 0.05)
     assert store.pending_turns == 1  # still queued, its future cancelled
@@ -1021,19 +1031,7 @@ async def test_an_allocate_many_whose_caller_gave_up_writes_none_of_its_allocati
     """A call's allocations share one future: cancelling it drops every one still queued."""
     path = tmp_path / "t.db"
     store = await opened(path)
-    formed = asyncio.Event()
-    take_group = store._take_group
-
-    def take() -> Any:
-        group = take_group()
-        formed.set()
-        return group
-
-    store._take_group = take
-    blocker = sqlite3.connect(path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")  # the writer's next group waits for the lock
-    first = asyncio.create_task(store.allocate(Allocation("t", COMPACTION, 1, "first")))
-    await asyncio.wait_for(formed.wait(), 10)
+    blocker, first = await _a_group_waiting_for_the_lock(store, path)
     given_up = [Allocation(f"g{i}", COMPACTION, 1, f"gave-up-{i}") for i in range(3)]
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(store.allocate_many(given_up), 0.05)

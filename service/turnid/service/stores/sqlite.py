@@ -1067,13 +1067,8 @@ class SqliteStore:
                 continue
             opens_call = False
         await call.future
-        results: list[list[Turn] | Exception] = []
-        for result in call.results:
-            if isinstance(result, Exception):
-                results.append(result)
-            else:
-                results.append(_turns_or_raise(result))  # a BaseException is raised
-        return results
+        # Each allocation's turns or its Exception (a BaseException is raised).
+        return [r if isinstance(r, Exception) else _turns_or_raise(r) for r in call.results]
 
     def _enqueue(
         self, allocation: Allocation, call: _Call, index: int, opens_call: bool = True
@@ -1199,7 +1194,7 @@ class SqliteStore:
             self._gathering = None
 
     def _finish(self, group: list[_Pending], outcome: _Outcome) -> None:
-        """On the event loop: resolve the decided futures, requeue the rest at the head,
+        """On the event loop: settle the decided allocations, requeue the rest at the head,
         publish the changed threads, count and report the commits."""
         decided = len(outcome.results)
         for (_, call, index, _), result in zip(group, outcome.results, strict=False):
