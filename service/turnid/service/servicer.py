@@ -103,10 +103,32 @@ def thread_to_proto(info: ThreadInfo) -> turnid_pb2.Thread:
 
 
 def add_turns(field: Any, turns: Iterable[Turn]) -> None:
-    """Append turns to a repeated Turn field (in place: no copy per turn)."""
+    """Append turns to a repeated Turn field, each built in place.
+
+    A turn that differs from the one before only in turn_id and sequence (the turns of one
+    allocation: a batch's thousand) copies the message before it, one call into upb, and sets
+    those two; filling it is eight. 1,000 turns: ~380 against ~800 µs here, and a list of
+    unrelated turns pays ~5% for the comparison.
+    """
     add = field.add
+    last: Turn | None = None
+    previous: Any = None
     for turn in turns:
-        fill_turn(add(), turn)
+        message = add()
+        if (
+            last is not None
+            and turn.request_id == last.request_id
+            and turn.thread_id == last.thread_id
+            and turn.create_time_us == last.create_time_us
+            and turn.kind == last.kind
+            and turn.claimed == last.claimed
+        ):
+            message.CopyFrom(previous)
+            message.turn_id = turn.turn_id
+            message.sequence = turn.sequence
+        else:
+            fill_turn(message, turn)
+        last, previous = turn, message
 
 
 def error_to_status(error: TurnIdError) -> status_pb2.Status:
