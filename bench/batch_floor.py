@@ -3,8 +3,9 @@ costs before any storage, next to what the no-op batch baseline does per call.
 
 The no-op batch (bench/baseline_server.py) serializes one canned 1,000-turn response per call. A
 server that answers fresh turns must also build that response from 1,000 turn values (the
-servicer's `add_turns`, field by field into upb messages) and mint 1,000 UUIDv7s, whatever its
-store does. Printed as one JSON object: the median server CPU (this process, µs) of each step
+servicer's `add_turns`: the first turn field by field into upb messages, each one after it a copy
+of the one before with its own turn_id and sequence) and mint 1,000 UUIDv7s, whatever its store
+does. Printed as one JSON object: the median server CPU (this process, µs) of each step
 over `--trials` runs of `--calls` responses each.
 """
 
