@@ -34,18 +34,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from postgres_schema import postgres_schema
+
 BENCH = Path(__file__).resolve().parent
 PYTHON = sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def _postgres_schema(dsn: str, schema: str, *, drop: bool = False) -> str:
-    """Creates (or drops) `schema` in the database at `dsn`; the URL of a store in it."""
-    import psycopg
-
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE" if drop else f"CREATE SCHEMA {schema}")
-    return f"{dsn}{'&' if '?' in dsn else '?'}options=-csearch_path%3D{schema}"
 
 
 class Server:
@@ -69,7 +62,7 @@ class Server:
             env["PYTHONPATH"] = f"{root / 'service'}:{root / 'client'}"
             database = f"sqlite://{workdir / (name + '.db')}"
             if postgres is not None:
-                database = _postgres_schema(postgres, self.schema)
+                database = postgres_schema(postgres, self.schema)
             command = [PYTHON, "-m", "turnid.service.cli", "serve", "--listen", "127.0.0.1:0"]
             command += ["--database", database, "--grace", "5", "--drain", "0"]
         if strace is not None:
@@ -85,7 +78,7 @@ class Server:
             self.process.wait(30)
             self._out.close()
             if self.postgres is not None:
-                _postgres_schema(self.postgres, self.schema, drop=True)
+                postgres_schema(self.postgres, self.schema, drop=True)
             raise
 
     def _wait(self) -> str:
@@ -125,7 +118,7 @@ class Server:
         self.process.wait(30)
         self._out.close()
         if self.postgres is not None:
-            _postgres_schema(self.postgres, self.schema, drop=True)
+            postgres_schema(self.postgres, self.schema, drop=True)
 
 
 class Load:

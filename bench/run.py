@@ -63,6 +63,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from postgres_schema import postgres_schema
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 PYTHON = sys.executable
@@ -133,6 +135,14 @@ class Server:
         database = scenario.server
         if database == "sqlite":
             database = f"sqlite://{workdir / (self.log_path.stem + '.db')}"
+        # A PostgreSQL row's server gets a schema of its own, dropped when it stops.
+        self.postgres: tuple[str, str] | None = None
+        if database.startswith("postgres"):
+            schema = f"turnid_bench_{os.getpid()}_{_slug(scenario.name).replace('-', '_')}"
+            try:
+                database, self.postgres = postgres_schema(database, schema), (database, schema)
+            except Exception as error:  # the server will say why it cannot use the database
+                print(f"… no schema of its own: {_one_line(error)}", file=sys.stderr)
         self.database = database
         if scenario.server.startswith("baseline"):
             command = [PYTHON, str(BENCH / "baseline_server.py"), "--listen", "127.0.0.1:0"]
@@ -206,6 +216,13 @@ class Server:
                 self.process.wait()
         if not self._log.closed:
             self._log.close()
+        if self.postgres is not None:
+            dsn, schema = self.postgres
+            self.postgres = None
+            try:
+                postgres_schema(dsn, schema, drop=True)
+            except Exception as error:  # the figures stand; say what is left behind
+                print(f"… could not drop schema {schema}: {_one_line(error)}", file=sys.stderr)
         return self.log_path.read_text()
 
 
