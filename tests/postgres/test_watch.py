@@ -10,11 +10,12 @@ from collections.abc import AsyncGenerator
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from turnid.service.domain import Allocation, TurnKind, TurnService, WatchUpdate
-from turnid.service.stores.postgres import PostgresStore
+from turnid.service.stores.postgres import NOTIFY_CHANNEL, PostgresStore, notify_channel
 
-from .conftest import StoreMaker
+from .conftest import POSTGRES_DSN, StoreMaker, with_search_path
 
 pytestmark = pytest.mark.postgres
 
@@ -117,3 +118,59 @@ async def test_the_listener_reconnects_and_wakes_every_watcher(
         assert await next_update(watch) == WatchUpdate(turns, True)
     finally:
         await watch.aclose()
+
+
+def test_each_schema_has_a_channel_of_its_own_and_public_keeps_the_old_one() -> None:
+    assert notify_channel("public") == notify_channel(None) == NOTIFY_CHANNEL == "turnid_turns"
+    names = ["a", "b", "turnid_test_x", "Ünïcode schema", "x" * 63]
+    channels = [notify_channel(name) for name in names]
+    assert len(set(channels)) == len(names)
+    assert channels == [notify_channel(name) for name in names]  # every replica agrees
+    for channel in channels:  # a plain identifier: LISTEN takes it unquoted
+        assert channel.isidentifier() and channel.islower() and len(channel) <= 63
+
+
+def _hearing(store: PostgresStore) -> tuple[list[str], asyncio.Event]:
+    """What the store's listener receives from now on, and an event set at each payload."""
+    heard: list[str] = []
+    got = asyncio.Event()
+    original = store._on_notify
+
+    def record(payload: str) -> None:
+        heard.append(payload)
+        got.set()
+        original(payload)
+
+    store._on_notify = record  # type: ignore[method-assign]
+    return heard, got
+
+
+async def test_deployments_in_other_schemas_do_not_hear_each_other(
+    make_store: StoreMaker, thread_id: str
+) -> None:
+    assert POSTGRES_DSN
+    other = f"turnid_test_{uuid.uuid4().hex[:16]}"
+    async with await psycopg.AsyncConnection.connect(POSTGRES_DSN, autocommit=True) as admin:
+        await admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(other)))
+    try:
+        here = await make_store()
+        there = await make_store(url=with_search_path(POSTGRES_DSN, other))
+        assert here.channel != there.channel
+        await asyncio.wait_for(here.listening.wait(), WAIT_S)
+        await asyncio.wait_for(there.listening.wait(), WAIT_S)
+        heard_here, got_here = _hearing(here)
+        heard_there, got_there = _hearing(there)
+        # Each listener hears its own store's notifications (and ignores them). Here's is sent
+        # and heard before there allocates; a listener receives notifications in commit order,
+        # so on one channel there's listener would have heard here's first.
+        await here.allocate(Allocation(thread_id, USER, 1))
+        await asyncio.wait_for(got_here.wait(), WAIT_S)
+        await there.allocate(Allocation(thread_id, USER, 1))
+        await asyncio.wait_for(got_there.wait(), WAIT_S)
+        assert any(here._replica in payload for payload in heard_here)
+        assert heard_there and all(here._replica not in payload for payload in heard_there)
+    finally:
+        async with await psycopg.AsyncConnection.connect(POSTGRES_DSN, autocommit=True) as admin:
+            await admin.execute(
+                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(other))
+            )

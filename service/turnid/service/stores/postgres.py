@@ -30,10 +30,12 @@ minted again; the other threads' allocations go through in the retry.
 Watch (invariant 11): after each commit the store wakes its own watchers and queues the thread
 for a background notifier that sends the queued threads in one `pg_notify` statement (one
 transaction per batch, outside the allocation: NOTIFY takes a cluster-wide lock at commit that
-would serialize every allocation's commit), as many threads in a payload as fit. One listening
-connection per store turns other replicas' notifications into `changes.publish`; after it
-(re)connects it wakes every watcher, since notifications may have been lost. Notifications are
-only wake-ups: watchers re-read `sequence > last`, and re-read every `fallback_interval` anyway.
+would serialize every allocation's commit), as many threads in a payload as fit, on the channel
+of the store's schema (`notify_channel`: deployments in other schemas of the database do not hear
+them). One listening connection per store turns other replicas' notifications into
+`changes.publish`; after it (re)connects it wakes every watcher, since notifications may have
+been lost. Notifications are only wake-ups: watchers re-read `sequence > last`, and re-read every
+`fallback_interval` anyway.
 
 Faults (invariants 7, 9): every server-side wait is bounded below the client's 10 s deadline:
 pool acquire, `statement_timeout`, `lock_timeout` and `idle_in_transaction_session_timeout` on
@@ -54,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -97,7 +100,8 @@ Connection = psycopg.AsyncConnection[TupleRow]
 SCHEMA_TABLE = "turnid_schema_migrations"
 # pg_advisory_xact_lock key that serializes migrations across replicas: "turnid" in ASCII.
 MIGRATION_LOCK_KEY = 0x7475726E6964
-#: The channel every replica NOTIFYs after allocations and LISTENs on.
+#: The channel every replica of a deployment in the `public` schema NOTIFYs after allocations
+#: and LISTENs on; in any other schema, `notify_channel(schema)`.
 NOTIFY_CHANNEL = "turnid_turns"
 _MIGRATION_FILE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 _DEFAULT_CONNECT_TIMEOUT_S = 5
@@ -451,6 +455,21 @@ def _decide_group(
     return decided
 
 
+def notify_channel(schema: str | None) -> str:
+    """The channel of the deployment whose tables are in `schema` (the replicas' current_schema).
+
+    Channels are database-wide: deployments in different schemas of one database on one channel
+    would each wake for the others' commits (every replica's listener, and PostgreSQL, working
+    for nothing: four idle servers in other schemas took a server's unary calls/s down by a
+    quarter here). A digest keeps the name a short plain identifier whatever the schema's name;
+    `public` keeps the channel of the releases before, so that its replicas can be upgraded one
+    at a time and still hear each other.
+    """
+    if schema is None or schema == "public":
+        return NOTIFY_CHANNEL
+    return f"{NOTIFY_CHANNEL}_{hashlib.sha256(schema.encode()).hexdigest()[:16]}"
+
+
 def _json(rows: list[Any]) -> str:
     return json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
 
@@ -602,6 +621,8 @@ class PostgresStore:
         self._stall_timer: asyncio.TimerHandle | None = None
         #: Set each time the listener is (re)connected and LISTENing (tests wait on it).
         self.listening = asyncio.Event()
+        #: The NOTIFY channel of this store's schema (`notify_channel`), known once open.
+        self.channel = NOTIFY_CHANNEL
 
     async def _configure(self, conn: Connection) -> None:
         # Every server-side wait shorter than the client's 10 s default deadline (invariant 9).
@@ -645,6 +666,16 @@ class PostgresStore:
                 f"cannot open a connection pool to PostgreSQL at {redact_url(self.url)}: "
                 f"{_one_line(error)}"
             ) from error
+        try:
+            async with pool.connection() as conn:
+                cursor = await conn.execute("SELECT current_schema()")
+                (schema,) = await cursor.fetchone() or (None,)
+        except psycopg.Error as error:
+            await pool.close()
+            raise PostgresUnreachableError(
+                f"cannot read the schema at {redact_url(self.url)}: {_one_line(error)}"
+            ) from error
+        self.channel = notify_channel(schema)
         self._pool = pool
         self._closed = False
         self._tasks = [
@@ -1029,7 +1060,7 @@ class PostgresStore:
                         "SELECT set_config('synchronous_commit', 'off', true), "
                         "pg_notify(%s, payload) FROM json_array_elements_text(%s::json) "
                         "AS payload",
-                        (NOTIFY_CHANNEL, _json(payloads)),
+                        (self.channel, _json(payloads)),
                     )
             except psycopg.Error as error:
                 log.info("PostgreSQL NOTIFY failed (watchers will re-read): %s", error)
@@ -1042,7 +1073,7 @@ class PostgresStore:
             try:
                 conn = await psycopg.AsyncConnection.connect(self.url, **kwargs)
                 async with conn:
-                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    await conn.execute(f"LISTEN {self.channel}")
                     backoff = _LISTEN_BACKOFF_S[0]
                     # Notifications sent while we were not listening are lost: re-read all.
                     self.changes.publish_all()
