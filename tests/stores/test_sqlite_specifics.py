@@ -9,6 +9,7 @@ import os
 import sqlite3
 import threading
 import time
+import types
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -927,6 +928,38 @@ async def test_the_rest_of_a_call_split_between_groups_counts_as_a_call(
     store = await opened()
     await store.allocate_many([Allocation(f"t{i}", USER, 1000) for i in range(5)])
     assert store.commits >= 2  # at most 4,096 turns per group
+    assert store.last_group_calls == 1
+
+
+async def test_the_pieces_of_a_call_cut_twice_are_one_call_again_in_one_group(
+    opened: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call cut by the turn bound, and then by the time bound inside its first group, has
+    two pieces queued one behind the other; in the next group they count as one call."""
+    store = await opened()
+    clock, applied = [0.0], [0]
+    real_apply = SqliteStore._apply
+
+    def apply(self: SqliteStore, *args: Any) -> list[Turn]:
+        applied[0] += 1
+        if applied[0] == 2:  # the first group's time runs out after its second allocation
+            clock[0] += 3600.0
+        return real_apply(self, *args)
+
+    # The store's own clock only (asyncio keeps the real one).
+    shifted = types.SimpleNamespace(
+        monotonic=lambda: time.monotonic() + clock[0],
+        thread_time=time.thread_time,
+        time_ns=time.time_ns,
+        sleep=time.sleep,
+    )
+    monkeypatch.setattr(sqlite_module, "time", shifted)
+    monkeypatch.setattr(SqliteStore, "_apply", apply)
+    commits: list[int] = []
+    store.on_commit = lambda allocations, turns, seconds: commits.append(allocations)
+    await store.allocate_many([Allocation(f"t{i}", USER, 1000) for i in range(5)])
+    # 4 fit the turn bound and 2 of them the time; then the other 2 and the fifth.
+    assert commits == [2, 3]
     assert store.last_group_calls == 1
 
 

@@ -1203,7 +1203,14 @@ class SqliteStore:
         if rest:  # the group ran out of time under the lock: they go first next time
             allocation, call, index, _ = rest[0]
             rest[0] = (allocation, call, index, True)  # maybe the rest of a call: now its own
-            self._pending.extendleft(reversed(rest))
+            pending = self._pending
+            if pending and pending[0][1] is rest[-1][1] and pending[0][3]:
+                # The turn bound had cut the same call off after this group: its two pieces
+                # meet again, one call.
+                allocation, call, index, _ = pending[0]
+                pending[0] = (allocation, call, index, False)
+                self._pending_calls -= 1
+            pending.extendleft(reversed(rest))
             self._pending_turns += sum(entry[0].count for entry in rest)
             self._pending_calls += sum(entry[3] for entry in rest)
         self.last_group_calls = sum(entry[3] for entry in group[:decided])
