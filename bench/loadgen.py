@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import uuid_utils
@@ -81,11 +81,12 @@ def _describe_client(client: object) -> dict[str, Any]:
 # --- a counting interceptor: how many RPCs the client sends for N allocate() calls -------------
 
 
+# The stubs' interceptor classes are generic, gRPC's are not (no subscripts at runtime).
 class _AioCounter(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
+    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+    grpc.aio.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.aio.StreamStreamClientInterceptor,  # type: ignore[type-arg]
 ):
     def __init__(self) -> None:
         self.methods: dict[str, int] = {}
@@ -113,10 +114,10 @@ class _AioCounter(
 
 
 class _SyncCounter(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-    grpc.StreamStreamClientInterceptor,
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[type-arg]
 ):
     def __init__(self) -> None:
         self.methods: dict[str, int] = {}
@@ -171,7 +172,7 @@ async def _main(args: argparse.Namespace) -> None:
         options = _client_options(args)
         probe_counter = _AioCounter()
         async with AsyncTurnIdClient(
-            args.target, interceptors=[probe_counter], **options
+            args.target, interceptors=[cast(grpc.aio.ClientInterceptor, probe_counter)], **options
         ) as probe_client:
             errors = 0
             rounds = 3
@@ -290,7 +291,7 @@ async def _main(args: argparse.Namespace) -> None:
     if client is not None:
         await client.close()
     for channel in channels:
-        await channel.close()
+        await channel.close(None)
 
 
 class _SlotWatcher:

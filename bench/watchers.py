@@ -57,7 +57,7 @@ async def _main(args: argparse.Namespace) -> None:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     for channel in channels:
-        await channel.close()
+        await channel.close(None)
     print(json.dumps(stats), flush=True)
 
 
