@@ -209,3 +209,19 @@ def test_make_turn_makes_the_same_frozen_turn_as_its_constructor() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         made.sequence = 8  # type: ignore[misc]
     assert hash(made) == hash(Turn(*values))
+
+
+def test_a_change_feed_is_watched_while_anyone_subscribes() -> None:
+    from turnid.service.domain.watch import ChangeFeed
+
+    feed = ChangeFeed()
+    assert not feed.watched.is_set()
+    made = feed.idle_since
+    with feed.subscribe(("", "a")), feed.subscribe(("", "b")):
+        assert feed.watched.is_set()
+        with feed.subscribe(("", "a")):
+            assert feed.watchers == 3
+        assert feed.watched.is_set()  # others still watch
+        assert feed.idle_since == made
+    assert not feed.watched.is_set()
+    assert feed.idle_since >= made

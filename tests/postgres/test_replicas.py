@@ -356,12 +356,11 @@ async def test_every_pooled_connection_is_replaced_after_a_restart(
                 )
         # Found dead when taken from the pool, not by failing an attempt.
         assert not [r for r in caplog.records if "attempt" in r.getMessage()]
-        async with asyncio.timeout(30):
-            await watching.listening.wait()
         watch = await TurnService(watching).watch(thread_ids[1], 6)
         try:
             async with asyncio.timeout(30):
                 assert await anext(watch) == WatchUpdate([], True)
+                await watching.listening.wait()  # it listens while watched
                 turns = await writing.allocate(Allocation(thread_ids[1], TurnKind.USER_INPUT, 1))
                 assert await anext(watch) == WatchUpdate(turns, True)
         finally:

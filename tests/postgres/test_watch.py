@@ -58,10 +58,10 @@ async def test_a_watcher_sees_another_replicas_turns_by_notify(make_store: Store
     # No fallback re-read: only a notification can wake the watcher.
     watching = await make_store(watch_fallback_s=None)
     writing = await make_store()
-    await asyncio.wait_for(watching.listening.wait(), WAIT_S)
     # Any printable character may appear in ids: the payload must carry them intact.
     for namespace, thread_id in (("", f"w-{uuid.uuid4()}"), ('n"s\\', f"ü\"\\'{uuid.uuid4()}")):
         watch = await started_watch(watching, thread_id, namespace)
+        await asyncio.wait_for(watching.listening.wait(), WAIT_S)
         try:
             for n in range(3):
                 turns = await writing.allocate(
@@ -95,8 +95,8 @@ async def test_the_listener_reconnects_and_wakes_every_watcher(
     tag = f"turnid-test-{uuid.uuid4().hex[:12]}"
     watching = await make_store(url=f"{schema_url}&application_name={tag}", watch_fallback_s=None)
     writing = await make_store()
-    await asyncio.wait_for(watching.listening.wait(), WAIT_S)
     watch = await started_watch(watching, thread_id)
+    await asyncio.wait_for(watching.listening.wait(), WAIT_S)
     try:
         # Committed unnoticed, then the listener's connection dies: on reconnecting it must
         # assume it missed notifications and wake every watcher.
@@ -156,6 +156,8 @@ async def test_deployments_in_other_schemas_do_not_hear_each_other(
         here = await make_store()
         there = await make_store(url=with_search_path(POSTGRES_DSN, other))
         assert here.channel != there.channel
+        # A store listens only while someone watches it.
+        watches = [await started_watch(store, f"w-{uuid.uuid4()}") for store in (here, there)]
         await asyncio.wait_for(here.listening.wait(), WAIT_S)
         await asyncio.wait_for(there.listening.wait(), WAIT_S)
         heard_here, got_here = _hearing(here)
@@ -169,8 +171,90 @@ async def test_deployments_in_other_schemas_do_not_hear_each_other(
         await asyncio.wait_for(got_there.wait(), WAIT_S)
         assert any(here._replica in payload for payload in heard_here)
         assert heard_there and all(here._replica not in payload for payload in heard_there)
+        for watch in watches:
+            await watch.aclose()
     finally:
         async with await psycopg.AsyncConnection.connect(POSTGRES_DSN, autocommit=True) as admin:
             await admin.execute(
                 sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(other))
             )
+
+
+async def _listen_backends(url: str, tag: str) -> int:
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as admin:
+        cursor = await admin.execute(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE application_name = %s AND query LIKE 'LISTEN%%'",
+            (tag,),
+        )
+        (count,) = await cursor.fetchone() or (0,)
+        return int(count)
+
+
+async def test_a_replica_listens_only_while_someone_watches_it(
+    make_store: StoreMaker, schema_url: str, thread_id: str
+) -> None:
+    tag = f"turnid-test-{uuid.uuid4().hex[:12]}"
+    idle = await make_store(url=f"{schema_url}&application_name={tag}", listen_linger_s=0.05)
+    writing = await make_store()
+    witness = await make_store(watch_fallback_s=None)
+    heard_idle, got_idle = _hearing(idle)
+    # Nobody watches `idle`: it holds no LISTEN, so the writer's commits cannot wake it. The
+    # witness, watched, hears the writer's notification (so it was sent) ...
+    witnessed = await started_watch(witness, thread_id)
+    await asyncio.wait_for(witness.listening.wait(), WAIT_S)
+    try:
+        turns = await writing.allocate(Allocation(thread_id, USER, 1))
+        assert await next_update(witnessed) == WatchUpdate(turns, True)
+        # ... which `idle` never gets.
+        assert not idle.listening.is_set()
+        assert await _listen_backends(schema_url, tag) == 0
+        assert heard_idle == []
+        # A watcher makes it listen; it hears the others from then on.
+        watch = await TurnService(idle).watch(thread_id, 0)
+        assert await next_update(watch) == WatchUpdate(turns, True)
+        await asyncio.wait_for(idle.listening.wait(), WAIT_S)
+        assert await _listen_backends(schema_url, tag) == 1
+        more = await writing.allocate(Allocation(thread_id, USER, 1))
+        assert (await next_update(watch)).turns == more
+        await asyncio.wait_for(got_idle.wait(), WAIT_S)
+        assert any(writing._replica in payload for payload in heard_idle)
+        # The last watcher gone, it stops listening once the linger is over.
+        await watch.aclose()
+        await asyncio.wait_for(idle.stopped_listening.wait(), WAIT_S)
+        assert not idle.listening.is_set()
+        heard = len(heard_idle)
+        last = await writing.allocate(Allocation(thread_id, USER, 1))
+        assert await next_update(witnessed) == WatchUpdate(more + last, True)
+        assert len(heard_idle) == heard
+    finally:
+        await witnessed.aclose()
+
+
+async def test_a_watcher_that_starts_before_the_listener_connects_misses_nothing(
+    make_store: StoreMaker, thread_id: str
+) -> None:
+    # No fallback re-read: what wakes the watcher is the listener's re-read once it listens.
+    watching = await make_store(watch_fallback_s=None)
+    writing = await make_store()
+    gate = asyncio.Event()
+    connect = watching._listen_connection
+
+    async def held_connect() -> object:
+        await gate.wait()
+        return await connect()
+
+    watching._listen_connection = held_connect  # type: ignore[assignment,method-assign]
+    watch = await started_watch(watching, thread_id)
+    try:
+        # A turn of its own store first: the watch delivers it and then waits for a wake-up
+        # (it re-reads at once only after its first update).
+        own = await watching.allocate(Allocation(thread_id, USER, 1))
+        assert await next_update(watch) == WatchUpdate(own, True)
+        # Committed while the watcher's store is not listening yet: its NOTIFY reaches nobody.
+        turns = await writing.allocate(Allocation(thread_id, USER, 2))
+        assert not watching.listening.is_set()
+        gate.set()
+        assert await next_update(watch) == WatchUpdate(turns, True)
+    finally:
+        await watch.aclose()

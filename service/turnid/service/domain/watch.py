@@ -9,6 +9,7 @@ repeat. Everything here runs on the event loop thread.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -48,6 +49,11 @@ class ChangeFeed:
     def __init__(self, fallback_interval: float | None = None) -> None:
         self.fallback_interval = fallback_interval
         self._subscriptions: dict[ThreadKey, set[Subscription]] = {}
+        #: Set while anyone watches: a store's cross-process change detector (PostgreSQL's
+        #: LISTEN) runs only then, so that a process nobody watches is not woken by others.
+        self.watched = asyncio.Event()
+        #: time.monotonic() when the last watcher left (or the feed was made).
+        self.idle_since = time.monotonic()
 
     @property
     def watchers(self) -> int:
@@ -57,6 +63,7 @@ class ChangeFeed:
     def subscribe(self, key: ThreadKey) -> Iterator[Subscription]:
         subscription = Subscription()
         self._subscriptions.setdefault(key, set()).add(subscription)
+        self.watched.set()
         try:
             yield subscription
         finally:
@@ -65,6 +72,9 @@ class ChangeFeed:
                 subs.discard(subscription)
                 if not subs:
                     del self._subscriptions[key]
+                    if not self._subscriptions:
+                        self.watched.clear()
+                        self.idle_since = time.monotonic()
 
     def wants(self, key: ThreadKey) -> bool:
         return key in self._subscriptions

@@ -32,10 +32,11 @@ for a background notifier that sends the queued threads in one `pg_notify` state
 transaction per batch, outside the allocation: NOTIFY takes a cluster-wide lock at commit that
 would serialize every allocation's commit), as many threads in a payload as fit, on the channel
 of the store's schema (`notify_channel`: deployments in other schemas of the database do not hear
-them). One listening connection per store turns other replicas' notifications into
-`changes.publish`; after it (re)connects it wakes every watcher, since notifications may have
-been lost. Notifications are only wake-ups: watchers re-read `sequence > last`, and re-read every
-`fallback_interval` anyway.
+them). One listening connection per store, open only while anyone watches there (and
+`listen_linger_s` after), turns other replicas' notifications into `changes.publish`; after it
+(re)connects it wakes every watcher, since notifications may have been lost. A replica nobody
+watches holds no LISTEN, so the others' commits do not wake it. Notifications are only
+wake-ups: watchers re-read `sequence > last`, and re-read every `fallback_interval` anyway.
 
 Faults (invariants 7, 9): every server-side wait is bounded below the client's 10 s deadline:
 pool acquire, `statement_timeout`, `lock_timeout` and `idle_in_transaction_session_timeout` on
@@ -114,6 +115,9 @@ _KEEPALIVES = {
 }
 _NOTIFY_PAYLOAD_MAX = 7900  # bytes; PostgreSQL's limit is 8000
 _LISTEN_BACKOFF_S = (0.05, 2.0)
+#: How long the LISTEN connection stays after the last watcher here leaves: a watcher that
+#: reconnects (an orchestrator resuming its thread) finds it still open.
+_LISTEN_LINGER_S = 10.0
 # A thread's allocations committed in one transaction: at most this many, or this many turns.
 _GROUP_MAX = 256
 _GROUP_TURNS = 4096
@@ -587,6 +591,7 @@ class PostgresStore:
         watch_fallback_s: float = 1.5,
         connect_timeout_s: float = _DEFAULT_CONNECT_TIMEOUT_S,
         max_batches: int = _MAX_BATCHES,
+        listen_linger_s: float = _LISTEN_LINGER_S,
     ) -> None:
         self.url = url
         self._connect_timeout_s = connect_timeout_s
@@ -614,13 +619,17 @@ class PostgresStore:
         self._queues: dict[ThreadKey, deque[_Queued]] = {}
         self._busy: set[ThreadKey] = set()
         self._max_batches = max(1, max_batches)
+        self._listen_linger_s = listen_linger_s
         self._drivers: set[asyncio.Task[None]] = set()
         self._batch_started: dict[asyncio.Task[Any], float] = {}  # driver -> its batch's start
         self._batch_seconds: deque[float] = deque(maxlen=_STALL_WINDOW)  # the last batches'
         self._stall_s = _STALL_S
         self._stall_timer: asyncio.TimerHandle | None = None
-        #: Set each time the listener is (re)connected and LISTENing (tests wait on it).
+        #: Set while the listener is connected and LISTENing: only while anyone watches here
+        #: (and for `listen_linger_s` after). Tests wait on it.
         self.listening = asyncio.Event()
+        #: Set each time the listener closes its connection because nobody watches here.
+        self.stopped_listening = asyncio.Event()
         #: The NOTIFY channel of this store's schema (`notify_channel`), known once open.
         self.channel = NOTIFY_CHANNEL
 
@@ -1066,26 +1075,49 @@ class PostgresStore:
                 log.info("PostgreSQL NOTIFY failed (watchers will re-read): %s", error)
 
     async def _listen(self) -> None:
-        """One LISTEN connection per store, reconnecting until the store closes."""
+        """One LISTEN connection per store while anyone watches here, reconnecting until the
+        store closes; closed once nobody has watched for `listen_linger_s`, so that replicas
+        nobody watches are not woken by every commit of the others (nor PostgreSQL made to
+        deliver to them)."""
         backoff = _LISTEN_BACKOFF_S[0]
-        kwargs = _connect_kwargs(self.url, self._connect_timeout_s)
         while True:
+            await self.changes.watched.wait()
             try:
-                conn = await psycopg.AsyncConnection.connect(self.url, **kwargs)
+                conn = await self._listen_connection()
                 async with conn:
                     await conn.execute(f"LISTEN {self.channel}")
                     backoff = _LISTEN_BACKOFF_S[0]
-                    # Notifications sent while we were not listening are lost: re-read all.
+                    # Notifications sent before we listened are lost: every watcher re-reads
+                    # (the ones that began watching while the connection was being made too).
                     self.changes.publish_all()
+                    self.stopped_listening.clear()
                     self.listening.set()
-                    async for notify in conn.notifies():
-                        self._on_notify(notify.payload)
+                    await self._hear(conn)
+                self.listening.clear()
+                self.stopped_listening.set()
+                continue  # nobody watches: the connection is closed, LISTEN with it
             except psycopg.Error as error:
                 log.info("PostgreSQL LISTEN connection lost (reconnecting): %s", error)
             self.listening.clear()
             self.changes.publish_all()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _LISTEN_BACKOFF_S[1])
+
+    async def _listen_connection(self) -> Connection:
+        return await psycopg.AsyncConnection.connect(
+            self.url, **_connect_kwargs(self.url, self._connect_timeout_s)
+        )
+
+    async def _hear(self, conn: Connection) -> None:
+        """Turn notifications into wake-ups until nobody has watched for `listen_linger_s`
+        (notifications arriving between two `notifies()` wait in psycopg's backlog)."""
+        linger = self._listen_linger_s
+        while True:
+            async for notify in conn.notifies(timeout=linger):
+                self._on_notify(notify.payload)
+            changes = self.changes
+            if not changes.watched.is_set() and time.monotonic() - changes.idle_since >= linger:
+                return
 
     def _on_notify(self, payload: str) -> None:
         try:
