@@ -83,6 +83,7 @@ SQLITE_REALTIME = "AllocateTurnId realtime, SQLite"
 CLIENT_ASYNC_SQLITE = "client AsyncTurnIdClient, SQLite"
 CLIENT_ASYNC_MEMORY = "client AsyncTurnIdClient, memory:"
 CLIENT_SYNC_SQLITE = "client TurnIdClient, threads, SQLite"
+PG_REALTIME = "AllocateTurnId realtime, PostgreSQL"
 # The rows of --curve: calls/s and p99 against concurrency.
 CURVE_ROWS = (BASELINE, SQLITE_REALTIME, CLIENT_ASYNC_SQLITE)
 CLIENT_MODES = ("client-async", "client-sync")
@@ -102,6 +103,9 @@ class Scenario:
     metrics: bool = False  # serve with --metrics-listen 127.0.0.1:0
     compare: str = ""  # a row the notes compare this one with (the same but for one thing)
     rss: bool = False  # measure RSS around RSS_ALLOCATIONS allocations after the trials
+    # More `turnid serve` processes on the row's database (PostgreSQL: the same schema) that
+    # nobody calls or watches; their CPU per allocation of the row is in the notes.
+    idle_replicas: int = 0
     skip: str = ""  # why the row is not run
 
 
@@ -160,15 +164,29 @@ class Server:
         self._log = self.log_path.open("w+")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
         self.target = ""
+        self.replicas: list[subprocess.Popen[bytes]] = []
+        self.replica_logs: list[Path] = []
+        for index in range(scenario.idle_replicas):
+            replica_log = workdir / f"{self.log_path.stem}-replica{index + 1}.log"
+            self.replica_logs.append(replica_log)
+            with replica_log.open("w") as out:  # the child keeps its own descriptor
+                self.replicas.append(
+                    subprocess.Popen(
+                        [*TURNID, "serve", "--listen", "127.0.0.1:0", "--database", database],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
 
     def wait_serving(self, timeout: float = 60.0) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             found = re.search(self._ready, self.log_path.read_text())
-            if found:
+            replicas_ready = all("serving on" in log.read_text() for log in self.replica_logs)
+            if found and replicas_ready:
                 self.target = found.group(1)
                 return self.target
-            if self.process.poll() is not None:
+            if any(p.poll() is not None for p in (self.process, *self.replicas)):
                 break
             time.sleep(0.05)
         self.stop()
@@ -194,6 +212,10 @@ class Server:
     def cpu_seconds(self) -> float:
         return _cpu_seconds(self.pids())
 
+    def replica_cpu_seconds(self) -> float:
+        """The idle replicas' CPU, all together."""
+        return _cpu_seconds([replica.pid for replica in self.replicas])
+
     def rss_mb(self) -> float:
         total = 0
         for pid in self.pids():
@@ -207,6 +229,15 @@ class Server:
 
     def stop(self) -> str:
         """SIGTERM, wait, and return the server's log."""
+        for replica in self.replicas:  # before the schema goes
+            replica.terminate()
+        for replica in self.replicas:
+            try:
+                replica.wait(30)
+            except subprocess.TimeoutExpired:
+                replica.kill()
+                replica.wait()
+        self.replicas = []
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -420,6 +451,7 @@ def _median_of(trials: list[dict[str, Any]]) -> dict[str, float]:
         "load_cores",
         "watch_p50_ms",
         "watch_p99_ms",
+        "idle_replica_cpu_us_per_call",
     )
     summary = {
         key: statistics.median(trial[key] for trial in trials) for key in keys if key in trials[0]
@@ -569,6 +601,7 @@ class _Run:
     ) -> dict[str, Any] | None:
         server = self.servers[id(r)]
         cpu_before, load_before = server.cpu_seconds(), load.cpu_seconds()
+        replicas_before = server.replica_cpu_seconds()
         try:
             trial = load.trial(**command)
         except (RuntimeError, ValueError, KeyError) as error:
@@ -582,6 +615,9 @@ class _Run:
         trial["load_cpu_us_per_call"] = load_used / calls * 1e6
         trial["server_cores"] = used / elapsed
         trial["load_cores"] = load_used / elapsed
+        if server.replicas:
+            idle_used = server.replica_cpu_seconds() - replicas_before
+            trial["idle_replica_cpu_us_per_call"] = idle_used / len(server.replicas) / calls * 1e6
         self.acknowledged[id(r)] += trial["calls"]
         return trial
 
@@ -841,6 +877,13 @@ def _notes(result: Result, ids_per_call: int) -> str:
         notes.append(
             f"acknowledged → the thread's watcher has it, p50 / p99 ms: {', '.join(shown)} "
             "(negative: the watcher had it first; each slot waits for its watcher)"
+        )
+    if result.scenario.idle_replicas:
+        idle = result.c32.get("idle_replica_cpu_us_per_call")
+        notes.append(
+            f"{result.scenario.idle_replicas} more replicas on its schema, idle (nobody calls "
+            "or watches them): "
+            + (f"{idle:,.1f} µs of CPU each per allocation at c32" if idle is not None else "?")
         )
     watchers = result.extra.get("watchers")
     if watchers:
@@ -1220,8 +1263,15 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
         Scenario(CLIENT_ASYNC_SQLITE, "sqlite", mode="client-async"),
         Scenario(CLIENT_SYNC_SQLITE, "sqlite", mode="client-sync"),
         Scenario("WatchTurns delivery, SQLite", "sqlite", mode="watch"),
-        Scenario("AllocateTurnId realtime, PostgreSQL", pg, skip=skip),
+        Scenario(PG_REALTIME, pg, skip=skip),
         Scenario("AllocateTurnId compaction, PostgreSQL", pg, kind=COMPACTION, skip=skip),
+        Scenario(
+            "AllocateTurnId realtime, PostgreSQL, 2 idle replicas",
+            pg,
+            idle_replicas=2,
+            compare=PG_REALTIME,
+            skip=skip,
+        ),
         Scenario("client AsyncTurnIdClient, PostgreSQL", pg, mode="client-async", skip=skip),
         Scenario("WatchTurns delivery, PostgreSQL", pg, mode="watch", skip=skip),
         Scenario(BASELINE_BATCH, "baseline", rpc="batch"),
