@@ -158,6 +158,28 @@ async def test_counters_equal_the_calls_made(
     assert value(samples, "turnid_auth_refusals_total") == 0
 
 
+async def test_the_wal_gauge_is_the_size_of_the_wal_file(
+    served: tuple[TurnIdServer, Metrics], tmp_path: Path, thread_id: str
+) -> None:
+    server, metrics = served
+    assert metrics.port is not None
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = pb_grpc.TurnIdServiceStub(channel)
+        await stub.AllocateTurnId(pb.AllocateTurnIdRequest(thread_id=thread_id, kind=USER))
+    samples = await scrape(metrics.port)
+    size = (tmp_path / "turnid.db-wal").stat().st_size  # nothing writes now: it stays
+    assert size > 0
+    assert value(samples, "turnid_sqlite_wal_bytes") == size
+
+
+async def test_the_wal_gauge_is_zero_on_a_store_without_a_wal() -> None:
+    from turnid.service.stores.memory import MemoryStore
+
+    metrics = Metrics()
+    metrics.bind_store(MemoryStore())
+    assert metrics.live_values()["turnid_sqlite_wal_bytes"] == 0
+
+
 async def test_watch_streams_gauge_reads_live_state(
     served: tuple[TurnIdServer, Metrics], thread_id: str
 ) -> None:
@@ -231,9 +253,14 @@ def _worker(calls: int, pipe: Connection) -> None:
         gate = Gate()
         observers: list[object] = []  # noqa: RUF012
 
+    class Store:  # the workers share one database file, so one WAL
+        def wal_bytes(self) -> int:
+            return 4096 * calls
+
     metrics = Metrics()
     assert metrics.multiprocess
     metrics.bind_servicer(Servicer())
+    metrics.bind_store(Store())
     for _ in range(calls):
         metrics.observe(CallRecord("GetTurn", "OK", "", "", "", 0.002, "", None))
     metrics.on_commit(3, 3, 0.0004)
@@ -262,6 +289,7 @@ async def test_workers_report_one_coherent_set() -> None:
         assert value(samples, "grpc_server_handling_seconds_count", grpc_method="GetTurn") == 7
         assert value(samples, "turnid_group_commit_size_sum") == 6
         assert value(samples, "turnid_watch_streams") == 2
+        assert value(samples, "turnid_sqlite_wal_bytes") == 4096 * 4  # the file's, not a sum
         for pipe in pipes:
             pipe.send("exit")
         for process in processes:

@@ -41,8 +41,9 @@ Families (their names and labels are a contract: dashboards and alerts use them)
   unavailable, overloaded, internal, cancelled); refused/failed count the turns asked for.
 - ``turnid_group_commit_size`` (histogram, allocations per commit), ``turnid_commit_seconds``
   (histogram): from the store's ``on_commit(allocations, turns, seconds)``.
-- ``turnid_writer_queue_depth``, ``turnid_watch_streams``, ``turnid_calls_in_flight``: gauges
-  read from live state at scrape time (a collector), never updated per call.
+- ``turnid_writer_queue_depth``, ``turnid_watch_streams``, ``turnid_calls_in_flight``,
+  ``turnid_sqlite_wal_bytes``: gauges read from live state at scrape time (a collector), never
+  updated per call (the parent of workers sums them, but for the one WAL: its max).
 - ``turnid_store_errors_total{reason}``: calls failed STORE_UNAVAILABLE, STORAGE_FULL,
   OVERLOADED or INTERNAL_ERROR.
 - ``turnid_auth_refusals_total{reason}``: read from ``Authenticator.refusals`` at scrape time.
@@ -62,7 +63,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Final
+from typing import Any, Final, Literal
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -224,6 +225,12 @@ _LIVE_GAUGES: Final = {
     "commit), now.",
     "turnid_watch_streams": "Open WatchTurns streams, now.",
     "turnid_calls_in_flight": "Calls being handled by the servicer, now.",
+    "turnid_sqlite_wal_bytes": "Size of the SQLite database's WAL file, now (0 on other stores).",
+}
+# How the parent of --workers combines each live gauge of the workers: the workers share one
+# database file, so its WAL is counted once.
+_LIVE_MODES: Final[dict[str, Literal["livemax", "livesum"]]] = {
+    "turnid_sqlite_wal_bytes": "livemax"
 }
 _AUTH_DOC: Final = "Calls refused by authentication, by reason."
 
@@ -233,6 +240,11 @@ def _queue_depth(store: Any) -> int:
     if depth is None:
         return 0
     return int(depth() if callable(depth) else depth)
+
+
+def _wal_bytes(store: Any) -> int:
+    size = getattr(store, "wal_bytes", None)
+    return int(size()) if callable(size) else 0
 
 
 class Metrics:
@@ -315,7 +327,10 @@ class Metrics:
             # Per-process files; the parent sums them. livesum: a dead worker's gauge goes.
             for name, documentation in _LIVE_GAUGES.items():
                 self._live_gauges[name] = Gauge(
-                    name, documentation, registry=registry, multiprocess_mode="livesum"
+                    name,
+                    documentation,
+                    registry=registry,
+                    multiprocess_mode=_LIVE_MODES.get(name, "livesum"),
                 )
             self._refusals = Counter(
                 "turnid_auth_refusals", _AUTH_DOC, ["reason"], registry=registry
@@ -439,6 +454,7 @@ class Metrics:
             "turnid_writer_queue_depth": float(_queue_depth(self._store)),
             "turnid_watch_streams": float(getattr(gate, "watchers", 0)),
             "turnid_calls_in_flight": float(getattr(gate, "inflight", 0)),
+            "turnid_sqlite_wal_bytes": float(_wal_bytes(self._store)),
         }
 
     def auth_refusals(self) -> dict[str, float]:

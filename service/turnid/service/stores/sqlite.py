@@ -70,6 +70,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import queue
 import shutil
 import sqlite3
@@ -910,6 +911,18 @@ class SqliteStore:
     def queue_depth(self) -> int:
         """Allocations queued for the writer (the writer_queue_depth metric)."""
         return len(self._pending)
+
+    def wal_bytes(self) -> int:
+        """The size of the database's WAL file now (the sqlite_wal_bytes metric): it grows
+        between checkpoints and restarts from the beginning once one has caught up; one that
+        only grows means checkpoints cannot finish (a reader holding an old snapshot, say).
+        Any thread may call it (a stat of the file)."""
+        if self._memory:
+            return 0
+        try:
+            return os.stat(self.path + "-wal").st_size
+        except OSError:  # not created yet, or gone at close
+            return 0
 
     def _full_disk_hint(self) -> str:
         """Why an open failed when the disk is full: SQLite then often reports only a disk I/O
