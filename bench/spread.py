@@ -56,6 +56,11 @@ def _per_commit(run: Run) -> str:
     )
 
 
+def _idle_replicas(run: Run) -> str:
+    row = _row(run, "AllocateTurnId realtime, PostgreSQL, 2 idle replicas")
+    return f"{row['vs']['ratio']:.2f}; {row['c32']['idle_replica_cpu_us_per_call']:.1f}"
+
+
 def _client(run: Run, name: str) -> str:
     row = _row(run, name)
     return f"{row['ratio']:.2f}; {1 / row['cpu_ratio']:.2f}"
@@ -112,6 +117,11 @@ LINES: list[tuple[str, Callable[[Run], str]]] = [
         lambda r: _pair(
             r, "AllocateTurnId realtime, PostgreSQL", "AllocateTurnId compaction, PostgreSQL"
         ),
+    ),
+    (
+        "... realtime with 2 idle replicas on its schema: calls/s x the row without; their CPU per "
+        "allocation (µs each)",
+        _idle_replicas,
     ),
     (
         "client AsyncTurnIdClient, PostgreSQL",
