@@ -335,7 +335,13 @@ async def test_every_pooled_connection_is_replaced_after_a_restart(
     watching, writing = stores[0], stores[1]
     watching.changes.fallback_interval = None  # only a notification can wake the watcher
     thread_ids = [f"restart-{uuid.uuid4()}" for _ in range(size)]
+    # Watched throughout, so the store listens before the restart and must listen again
+    # after it (a store nobody watches holds no LISTEN connection).
+    held = await TurnService(watching).watch(f"restart-held-{uuid.uuid4()}", 0)
     try:
+        assert await anext(held) == WatchUpdate([], True)
+        async with asyncio.timeout(30):
+            await watching.listening.wait()
         for store in stores:
             await store.allocate(Allocation(thread_ids[0], TurnKind.USER_INPUT, 1))
         try:
@@ -360,11 +366,15 @@ async def test_every_pooled_connection_is_replaced_after_a_restart(
         try:
             async with asyncio.timeout(30):
                 assert await anext(watch) == WatchUpdate([], True)
-                await watching.listening.wait()  # it listens while watched
+                # A turn of its own store first: the watch delivers it and then waits for a
+                # wake-up, which only the listener (reconnected since the restart) can give.
+                own = await watching.allocate(Allocation(thread_ids[1], TurnKind.USER_INPUT, 1))
+                assert await anext(watch) == WatchUpdate(own, True)
                 turns = await writing.allocate(Allocation(thread_ids[1], TurnKind.USER_INPUT, 1))
                 assert await anext(watch) == WatchUpdate(turns, True)
         finally:
             await watch.aclose()
     finally:
+        await held.aclose()
         for store in stores:
             await store.close()

@@ -152,12 +152,14 @@ async def test_deployments_in_other_schemas_do_not_hear_each_other(
     other = f"turnid_test_{uuid.uuid4().hex[:16]}"
     async with await psycopg.AsyncConnection.connect(POSTGRES_DSN, autocommit=True) as admin:
         await admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(other)))
+    watches: list[AsyncGenerator[WatchUpdate, None]] = []
     try:
         here = await make_store()
         there = await make_store(url=with_search_path(POSTGRES_DSN, other))
         assert here.channel != there.channel
         # A store listens only while someone watches it.
-        watches = [await started_watch(store, f"w-{uuid.uuid4()}") for store in (here, there)]
+        for store in (here, there):
+            watches.append(await started_watch(store, f"w-{uuid.uuid4()}"))
         await asyncio.wait_for(here.listening.wait(), WAIT_S)
         await asyncio.wait_for(there.listening.wait(), WAIT_S)
         heard_here, got_here = _hearing(here)
@@ -171,9 +173,9 @@ async def test_deployments_in_other_schemas_do_not_hear_each_other(
         await asyncio.wait_for(got_there.wait(), WAIT_S)
         assert any(here._replica in payload for payload in heard_here)
         assert heard_there and all(here._replica not in payload for payload in heard_there)
+    finally:
         for watch in watches:
             await watch.aclose()
-    finally:
         async with await psycopg.AsyncConnection.connect(POSTGRES_DSN, autocommit=True) as admin:
             await admin.execute(
                 sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(other))
@@ -199,14 +201,16 @@ async def test_a_replica_listens_only_while_someone_watches_it(
     writing = await make_store()
     witness = await make_store(watch_fallback_s=None)
     heard_idle, got_idle = _hearing(idle)
-    # Nobody watches `idle`: it holds no LISTEN, so the writer's commits cannot wake it. The
-    # witness, watched, hears the writer's notification (so it was sent) ...
+    heard_witness, got_witness = _hearing(witness)
+    replica = writing._replica
     witnessed = await started_watch(witness, thread_id)
     await asyncio.wait_for(witness.listening.wait(), WAIT_S)
+    watch = None
     try:
+        # Nobody watches `idle`: it holds no LISTEN. The witness hears the writer's
+        # notification, so it was sent and delivered to the listeners, and `idle` is none.
         turns = await writing.allocate(Allocation(thread_id, USER, 1))
-        assert await next_update(witnessed) == WatchUpdate(turns, True)
-        # ... which `idle` never gets.
+        await _until_heard(heard_witness, got_witness, replica, 1)
         assert not idle.listening.is_set()
         assert await _listen_backends(schema_url, tag) == 0
         assert heard_idle == []
@@ -215,28 +219,44 @@ async def test_a_replica_listens_only_while_someone_watches_it(
         assert await next_update(watch) == WatchUpdate(turns, True)
         await asyncio.wait_for(idle.listening.wait(), WAIT_S)
         assert await _listen_backends(schema_url, tag) == 1
-        more = await writing.allocate(Allocation(thread_id, USER, 1))
-        assert (await next_update(watch)).turns == more
-        await asyncio.wait_for(got_idle.wait(), WAIT_S)
-        assert any(writing._replica in payload for payload in heard_idle)
+        await writing.allocate(Allocation(thread_id, USER, 1))
+        await _until_heard(heard_idle, got_idle, replica, 1)
+        await _until_heard(heard_witness, got_witness, replica, 2)
         # The last watcher gone, it stops listening once the linger is over.
         await watch.aclose()
         await asyncio.wait_for(idle.stopped_listening.wait(), WAIT_S)
         assert not idle.listening.is_set()
-        heard = len(heard_idle)
-        last = await writing.allocate(Allocation(thread_id, USER, 1))
-        assert await next_update(witnessed) == WatchUpdate(more + last, True)
-        assert len(heard_idle) == heard
+        await writing.allocate(Allocation(thread_id, USER, 1))
+        await _until_heard(heard_witness, got_witness, replica, 3)
+        assert _count(heard_idle, replica) == 1
     finally:
+        if watch is not None:
+            await watch.aclose()
         await witnessed.aclose()
 
 
+def _count(heard: list[str], replica: str) -> int:
+    return sum(replica in payload for payload in heard)
+
+
+async def _until_heard(heard: list[str], got: asyncio.Event, replica: str, times: int) -> None:
+    """Until `heard` holds `times` notifications from `replica` (one per commit here)."""
+    async with asyncio.timeout(WAIT_S):
+        while _count(heard, replica) < times:
+            got.clear()  # nothing is heard between the count and this: no await between
+            await got.wait()
+
+
+def test_a_negative_linger_is_refused() -> None:
+    with pytest.raises(ValueError, match="listen_linger_s"):
+        PostgresStore("postgresql://unused", listen_linger_s=-1)
+
+
 async def test_a_watcher_that_starts_before_the_listener_connects_misses_nothing(
-    make_store: StoreMaker, thread_id: str
+    make_store: StoreMaker, schema_url: str, thread_id: str
 ) -> None:
     # No fallback re-read: what wakes the watcher is the listener's re-read once it listens.
     watching = await make_store(watch_fallback_s=None)
-    writing = await make_store()
     gate = asyncio.Event()
     connect = watching._listen_connection
 
@@ -251,10 +271,11 @@ async def test_a_watcher_that_starts_before_the_listener_connects_misses_nothing
         # (it re-reads at once only after its first update).
         own = await watching.allocate(Allocation(thread_id, USER, 1))
         assert await next_update(watch) == WatchUpdate(own, True)
-        # Committed while the watcher's store is not listening yet: its NOTIFY reaches nobody.
-        turns = await writing.allocate(Allocation(thread_id, USER, 2))
+        # Committed before the watcher's store listens, and with no NOTIFY at all.
+        turn_id = await insert_behind_the_stores_back(schema_url, thread_id, 2)
         assert not watching.listening.is_set()
         gate.set()
-        assert await next_update(watch) == WatchUpdate(turns, True)
+        (update,) = (await next_update(watch)).turns
+        assert (update.turn_id, update.sequence) == (turn_id, 2)
     finally:
         await watch.aclose()

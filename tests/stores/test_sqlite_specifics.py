@@ -1166,3 +1166,28 @@ async def test_a_conditional_race_across_two_stores_has_one_winner_per_round(
         assert {e.metadata["last_sequence"] for e in losers} == {str(last)}
     info = await stores[1].get_thread("", "t")
     assert info is not None and info.state.last_sequence == last
+
+
+async def test_the_wal_file_is_cut_back_when_it_restarts(
+    tmp_path: Path, opened: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite reuses the WAL from its start after a checkpoint has caught up but keeps the
+    file's size; with journal_size_limit the first commit after such a restart truncates it,
+    so the file (and turnid_sqlite_wal_bytes) comes back down after a burst."""
+    limit = 64 * 1024
+    monkeypatch.setattr(sqlite_module, "WAL_SIZE_LIMIT_BYTES", limit)
+    path = tmp_path / "t.db"
+    store = await opened(path)
+    # No checkpoint of the store's own: the one below must be the one that catches up.
+    monkeypatch.setattr(store, "_schedule_checkpoint", lambda: None)
+    for n in range(4):  # a burst: 4,000 turns in the WAL, well past the limit
+        await store.allocate(Allocation("burst", USER, 1000, f"r{n}"))
+    burst = store.wal_bytes()
+    assert burst > 4 * limit
+    # A checkpoint that catches up (nobody reads), then one more commit restarts the WAL.
+    with sqlite3.connect(path) as observer:
+        busy, frames, checkpointed = observer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert busy == 0 and checkpointed == frames
+    await store.allocate(Allocation("after", USER, 1))
+    assert 0 < store.wal_bytes() <= limit
+    assert store.wal_bytes() == os.stat(f"{path}-wal").st_size

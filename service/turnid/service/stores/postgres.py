@@ -118,6 +118,7 @@ _LISTEN_BACKOFF_S = (0.05, 2.0)
 #: How long the LISTEN connection stays after the last watcher here leaves: a watcher that
 #: reconnects (an orchestrator resuming its thread) finds it still open.
 _LISTEN_LINGER_S = 10.0
+_LISTEN_RECHECK_S = 1.0
 # A thread's allocations committed in one transaction: at most this many, or this many turns.
 _GROUP_MAX = 256
 _GROUP_TURNS = 4096
@@ -619,6 +620,8 @@ class PostgresStore:
         self._queues: dict[ThreadKey, deque[_Queued]] = {}
         self._busy: set[ThreadKey] = set()
         self._max_batches = max(1, max_batches)
+        if listen_linger_s < 0:
+            raise ValueError(f"listen_linger_s must be 0 or more, not {listen_linger_s}")
         self._listen_linger_s = listen_linger_s
         self._drivers: set[asyncio.Task[None]] = set()
         self._batch_started: dict[asyncio.Task[Any], float] = {}  # driver -> its batch's start
@@ -628,8 +631,10 @@ class PostgresStore:
         #: Set while the listener is connected and LISTENing: only while anyone watches here
         #: (and for `listen_linger_s` after). Tests wait on it.
         self.listening = asyncio.Event()
-        #: Set each time the listener closes its connection because nobody watches here.
+        #: Set while the listener holds no connection: nobody watches here (for
+        #: `listen_linger_s`), or it is reconnecting, or the store is closed. Tests wait on it.
         self.stopped_listening = asyncio.Event()
+        self.stopped_listening.set()
         #: The NOTIFY channel of this store's schema (`notify_channel`), known once open.
         self.channel = NOTIFY_CHANNEL
 
@@ -1093,12 +1098,12 @@ class PostgresStore:
                     self.stopped_listening.clear()
                     self.listening.set()
                     await self._hear(conn)
-                self.listening.clear()
-                self.stopped_listening.set()
                 continue  # nobody watches: the connection is closed, LISTEN with it
             except psycopg.Error as error:
                 log.info("PostgreSQL LISTEN connection lost (reconnecting): %s", error)
-            self.listening.clear()
+            finally:  # also when the store closes (cancelled): no connection, no LISTEN
+                self.listening.clear()
+                self.stopped_listening.set()
             self.changes.publish_all()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _LISTEN_BACKOFF_S[1])
@@ -1109,15 +1114,22 @@ class PostgresStore:
         )
 
     async def _hear(self, conn: Connection) -> None:
-        """Turn notifications into wake-ups until nobody has watched for `listen_linger_s`
-        (notifications arriving between two `notifies()` wait in psycopg's backlog)."""
+        """Turn notifications into wake-ups until nobody has watched for `listen_linger_s`.
+        Between two `notifies()` nothing reads the connection: what arrives meanwhile is read
+        by the next."""
         linger = self._listen_linger_s
+        changes = self.changes
         while True:
-            async for notify in conn.notifies(timeout=linger):
+            if changes.watched.is_set():
+                # Looked at again this often while watched: the linger starts when the last
+                # watcher leaves, at most this long after.
+                timeout = _LISTEN_RECHECK_S
+            else:
+                timeout = linger - (time.monotonic() - changes.idle_since)
+                if timeout <= 0:
+                    return
+            async for notify in conn.notifies(timeout=timeout):
                 self._on_notify(notify.payload)
-            changes = self.changes
-            if not changes.watched.is_set() and time.monotonic() - changes.idle_since >= linger:
-                return
 
     def _on_notify(self, payload: str) -> None:
         try:

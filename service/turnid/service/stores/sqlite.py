@@ -346,6 +346,8 @@ _POLL_S = 0.075
 # Lower than the client's default deadline (10 s), so a lock wait comes back in time for the
 # client to retry it (invariant 9).
 DEFAULT_BUSY_TIMEOUT_S = 5.0
+#: What the WAL file is cut back to when it restarts (PRAGMA journal_size_limit).
+WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 # The writer's queue bound, in turns: ~1-2 s of the writer's work at its measured rates
 # (~40k single allocations/s, ~150k+ batch turns/s in one process), well inside the client's
 # deadline, and room for 64 batches of 1000 in flight.
@@ -412,6 +414,12 @@ def _connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
         # Transient files (statement journals, sorts) in memory: they never hold data that
         # must survive (that is the WAL's job), and a file per group costs syscalls.
         conn.execute("PRAGMA temp_store=MEMORY")
+        # SQLite reuses the WAL file from its start after each checkpoint that caught up, and
+        # never shrinks it by itself: after a burst (or a reader that held checkpoints back)
+        # the file would keep its biggest size. With a limit, the first commit after such a
+        # restart truncates it to the limit; steady load here stays well under it (12.6 MB
+        # under the coalescing client at ~8,000 allocations/s on 2 cores).
+        conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
     except BaseException:
         conn.close()
         raise
@@ -913,10 +921,11 @@ class SqliteStore:
         return len(self._pending)
 
     def wal_bytes(self) -> int:
-        """The size of the database's WAL file now (the sqlite_wal_bytes metric): it grows
-        between checkpoints and restarts from the beginning once one has caught up; one that
-        only grows means checkpoints cannot finish (a reader holding an old snapshot, say).
-        Any thread may call it (a stat of the file)."""
+        """The size of the database's WAL file now (the sqlite_wal_bytes metric). Its writes
+        start again from the beginning once a checkpoint has caught up, and the file is cut
+        back to WAL_SIZE_LIMIT_BYTES then, so a size above that limit means the WAL has not
+        restarted for a while: checkpoints cannot finish (a reader holding an old snapshot,
+        another process writing without pause). Any thread may call it (a stat)."""
         if self._memory:
             return 0
         try:
