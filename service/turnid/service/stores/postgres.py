@@ -653,9 +653,15 @@ class PostgresStore:
         pool refills at once instead of finding them one checkout (and one wait) at a time."""
         try:
             await _check_connection(conn)
-        except Exception:
+        except Exception as error:
             pool = self._pool
             if pool is not None and (self._sweep is None or self._sweep.done()):
+                # Once per sweep, not per connection: a database restart kills them all.
+                log.info(
+                    "PostgreSQL connection lost (found dead when taken from the pool; "
+                    "checking the idle ones): %s",
+                    _one_line(error),
+                )
                 self._sweep = asyncio.ensure_future(pool.check())
             raise
 
