@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from turnid.service.domain import Allocation, TurnIdError, TurnKind
+from turnid.service.domain import Allocation, Replayed, TurnIdError, TurnKind
 from turnid.service.stores import Store
 
 from .conftest import StoreFactory
@@ -148,7 +148,10 @@ async def test_request_id_retry_returns_the_original(store: Store, thread_id: st
     assert await one(store, thread_id, REALTIME, "step-1") == first
     assert await one(store, thread_id, COMPACTION, "step-2") == compaction
     batch = await store.allocate(A(thread_id, COMPACTION, 3, "step-3"))
-    assert await store.allocate(A(thread_id, COMPACTION, 3, "step-3")) == batch
+    assert not isinstance(batch, Replayed)
+    again = await store.allocate(A(thread_id, COMPACTION, 3, "step-3"))
+    assert again == batch
+    assert isinstance(again, Replayed)  # the servicer counts replays apart (metrics)
     assert len(await all_turns(store, thread_id)) == 5
     assert (await one(store, thread_id, COMPACTION)).turn_id == "auto-compact-4"
 
@@ -286,6 +289,7 @@ async def test_allocate_many_answers_each_allocation_as_allocate_would(
     assert len(granted) == 4
     realtime, replay, others, compaction = granted
     assert replay == [first]
+    assert isinstance(replay, Replayed) and not isinstance(realtime, Replayed)
     assert [t.turn_id for t in others] == ["auto-compact-0", "auto-compact-1"]
     assert [t.sequence for t in others] == [1, 2]
     # The granted ones are in the thread, gap-free, once each; the refused wrote nothing.
@@ -521,3 +525,13 @@ async def test_watchers_of_a_thread_are_woken_by_its_commits(
     assert seen == [t.sequence for t in allocated] == list(range(1, 7))
     await watch.aclose()
     assert watcher_store.changes.watchers == 0
+
+
+async def test_a_retry_in_the_same_group_is_a_replay(store: Store, thread_id: str) -> None:
+    first, retry = await store.allocate_many(
+        [A(thread_id, USER, 2, "dup"), A(thread_id, USER, 2, "dup")]
+    )
+    assert isinstance(first, list) and isinstance(retry, list)
+    assert retry == first and len(first) == 2
+    assert isinstance(retry, Replayed) and not isinstance(first, Replayed)
+    assert len(await all_turns(store, thread_id)) == 2

@@ -35,8 +35,8 @@ Families (their names and labels are a contract: dashboards and alerts use them)
   ``GRPCServerErrorsHigh`` alerts work unchanged. Every method x code starts at 0.
 - ``turnid_allocations_total{kind,outcome}``: TURNS (a batch of 10 counts 10), ``kind``
   ``realtime_delegation|auto_compaction|user_input|unspecified|unknown``, ``outcome``
-  ``allocated`` (new turns, and retries answered from their request_id's record: the servicer
-  does not tell those apart), ``claimed`` (ClaimTurnId), ``refused`` (a client error: invalid,
+  ``allocated`` (new turns), ``claimed`` (ClaimTurnId), ``replayed`` (a retry answered from its
+  request_id's record: nothing new was written), ``refused`` (a client error: invalid,
   taken, thread advanced) or ``failed`` (server side:
   unavailable, overloaded, internal, cancelled); refused/failed count the turns asked for.
 - ``turnid_group_commit_size`` (histogram, allocations per commit), ``turnid_commit_seconds``
@@ -140,7 +140,7 @@ _CLIENT_CODES: Final = frozenset(
     }
 )
 KINDS: Final = {0: "unspecified", 1: "realtime_delegation", 2: "auto_compaction", 3: "user_input"}
-OUTCOMES: Final = ("allocated", "claimed", "refused", "failed")
+OUTCOMES: Final = ("allocated", "claimed", "replayed", "refused", "failed")
 STORE_ERROR_REASONS: Final = ("STORE_UNAVAILABLE", "STORAGE_FULL", "OVERLOADED", "INTERNAL_ERROR")
 AUTH_REASONS: Final = ("MISSING_CREDENTIALS", "INVALID_CREDENTIALS")
 MAX_BATCH: Final = 1000
@@ -283,7 +283,7 @@ class Metrics:
         )
         self.allocations = Counter(
             "turnid_allocations",
-            "Turns by kind and outcome (allocated, claimed, refused, failed).",
+            "Turns by kind and outcome (allocated, claimed, replayed, refused, failed).",
             ["kind", "outcome"],
             registry=registry,
         )
@@ -385,14 +385,15 @@ class Metrics:
                 errors.inc()
 
     def _count_turns(self, record: Any, method: str, code: str) -> None:
-        # A retry answered from the request record counts as "allocated" again: the servicer
-        # does not tell replays apart (they cost the store a read, not a write).
         kind = record.kind
         count = record.count if method == "BatchAllocateTurnIds" else 1
         if not 0 < count <= MAX_BATCH:
             count = 0  # an invalid count asked for nothing that could be granted
         if code == "OK":
-            outcome = "claimed" if method == "ClaimTurnId" else "allocated"
+            if record.replayed:  # a retry answered from its request_id's record
+                outcome = "replayed"
+            else:
+                outcome = "claimed" if method == "ClaimTurnId" else "allocated"
         elif code in _CLIENT_CODES:
             outcome = "refused"
         else:

@@ -31,6 +31,7 @@ from grpc_status import rpc_status
 from turnid.service.domain import (
     Allocation,
     ErrorCategory,
+    Replayed,
     ThreadInfo,
     Turn,
     TurnIdError,
@@ -48,6 +49,8 @@ except ImportError:  # pragma: no cover - auth.py lands with issue 10
     current_namespace = contextvars.ContextVar("turnid_namespace", default="")
 
 log = logging.getLogger("turnid.servicer")
+#: Set by `_write` when the store answered a replay; read by the unary wrapper.
+_replayed: contextvars.ContextVar[bool] = contextvars.ContextVar("turnid_replayed", default=False)
 
 ERROR_DOMAIN = "turnid"
 
@@ -184,6 +187,7 @@ class CallRecord:
     context: Any
     kind: int = 0  # the request's TurnKind number (0 for reads)
     count: int = 1  # turns asked for (BatchAllocateTurnIds' count, else 1)
+    replayed: bool = False  # a write answered from its request_id's record: nothing written
 
     @property
     def peer(self) -> str:
@@ -286,7 +290,16 @@ def _mapped(method: str, error: Exception) -> TurnIdError:
 class _Call:
     """The bookkeeping of one call: gate, outcome and observers."""
 
-    __slots__ = ("code", "correlation_id", "count", "kind", "reason", "request_id", "started")
+    __slots__ = (
+        "code",
+        "correlation_id",
+        "count",
+        "kind",
+        "reason",
+        "replayed",
+        "request_id",
+        "started",
+    )
 
     def __init__(self) -> None:
         self.started = time.perf_counter()
@@ -296,6 +309,7 @@ class _Call:
         self.correlation_id = ""
         self.kind = 0
         self.count = 1
+        self.replayed = False
 
     def failed(self, error: TurnIdError) -> None:
         self.code = error.category.value
@@ -315,35 +329,14 @@ class TurnIdServicer:
 
     async def _write(self, which: str, request: Any, namespace: str) -> list[Turn]:
         """The domain call of a unary write RPC (`which`: its AllocateMany item field name;
-        AllocateMany's items go to TurnService.allocate_many together, see `_write_request`)."""
-        expected = _expected(request)
-        if which == "allocate":
-            turn = await self._turns.allocate(
-                request.thread_id,
-                request.kind,
-                request.request_id,
-                namespace=namespace,
-                expected_last_sequence=expected,
-            )
-            return [turn]
-        if which == "claim":
-            turn = await self._turns.claim(
-                request.thread_id,
-                request.turn_id,
-                request.kind,
-                request.request_id,
-                namespace=namespace,
-                expected_last_sequence=expected,
-            )
-            return [turn]
-        return await self._turns.allocate_batch(
-            request.thread_id,
-            request.kind,
-            request.count,
-            request.request_id,
-            namespace=namespace,
-            expected_last_sequence=expected,
+        AllocateMany's items go to TurnService.allocate_many together). A replay is told to
+        the call's wrapper (`_replayed`), for the observers."""
+        turns = await self._turns.write(
+            self._turns.allocation(_write_request(which, request, namespace))
         )
+        if isinstance(turns, Replayed):
+            _replayed.set(True)
+        return turns
 
     async def AllocateTurnId(self, request: Any, namespace: str) -> Any:
         (turn,) = await self._write("allocate", request, namespace)
@@ -454,6 +447,7 @@ class TurnIdServicer:
                 result = response.results.add()
                 if isinstance(outcome, list):
                     add_turns(result.turns, outcome)
+                    call.replayed = isinstance(outcome, Replayed)
                     continue
                 error = (
                     outcome if isinstance(outcome, TurnIdError) else _unexpected(method, outcome)
@@ -486,6 +480,7 @@ class TurnIdServicer:
             context,
             call.kind,
             call.count,
+            call.replayed,
         )
         for observer in self.observers:
             try:
@@ -529,7 +524,10 @@ class TurnIdServicer:
                     call.count = getattr(request, "count", 1)
                 if with_context is not None:
                     return await with_context(request, namespace, context)
-                return await behavior(request, namespace)
+                _replayed.set(False)  # each call's task has its own context; tests share one
+                response = await behavior(request, namespace)
+                call.replayed = _replayed.get()
+                return response
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 call.code = "CANCELLED"
                 raise

@@ -5,6 +5,7 @@ from turnid.service.domain.errors import ErrorCategory, FieldViolation, TurnIdEr
 from turnid.service.domain.model import (
     NEW_THREAD,
     Allocation,
+    Replayed,
     RequestRecord,
     ThreadInfo,
     ThreadState,
@@ -22,6 +23,7 @@ __all__ = [
     "FieldViolation",
     "Grant",
     "Replay",
+    "Replayed",
     "RequestRecord",
     "ThreadInfo",
     "ThreadState",

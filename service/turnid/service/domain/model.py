@@ -27,6 +27,14 @@ class Turn:
     claimed: bool
 
 
+class Replayed(list[Turn]):
+    """The answer to an allocation whose request_id the thread had seen: its original turns,
+    answered again, nothing written. Every store returns one for a replay, so that the
+    servicer can count replays apart from new turns (metrics)."""
+
+    __slots__ = ()
+
+
 # Turn(...) costs ~1.9 µs: a frozen dataclass's __init__ sets each field through
 # object.__setattr__. Setting the slots through their descriptors makes the same value in about
 # half of that; the paths that make turns by the thousand (a batch, a page, a replay) use it.

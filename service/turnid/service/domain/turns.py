@@ -89,6 +89,11 @@ class TurnService:
         )
         return turn
 
+    async def write(self, allocation: Allocation) -> list[Turn]:
+        """One validated allocation (see `allocation`): its turns, a `Replayed` list when its
+        request_id was seen."""
+        return await self.store.allocate(allocation)
+
     def allocation(self, request: WriteRequest) -> Allocation:
         """The validated Allocation of a write (TurnIdError for bad input), for allocate_many."""
         return _allocation(

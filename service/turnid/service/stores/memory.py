@@ -10,6 +10,7 @@ from turnid.service.domain.allocation import Replay, decide
 from turnid.service.domain.model import (
     NEW_THREAD,
     Allocation,
+    Replayed,
     RequestRecord,
     ThreadInfo,
     ThreadState,
@@ -64,7 +65,7 @@ class MemoryStore:
         )
         if isinstance(decision, Replay):
             first = decision.first_sequence - 1
-            return thread.turns[first : first + decision.count]
+            return Replayed(thread.turns[first : first + decision.count])
         self._threads[key] = thread
         thread.state = decision.state
         thread.turns.extend(decision.turns)

@@ -83,6 +83,7 @@ from turnid.service.domain.allocation import Replay, decide
 from turnid.service.domain.errors import TurnIdError, store_unavailable
 from turnid.service.domain.model import (
     Allocation,
+    Replayed,
     RequestRecord,
     ThreadInfo,
     ThreadState,
@@ -441,8 +442,8 @@ def _decide_group(
             decided.outcomes.append(refusal)
             continue
         if isinstance(decision, Replay):
-            if rid in fresh:
-                decided.outcomes.append(fresh[rid])
+            if rid in fresh:  # granted earlier in this batch (a retry within one batch)
+                decided.outcomes.append(Replayed(fresh[rid]))
             else:
                 decided.outcomes.append(decision)
                 first = decision.first_sequence
@@ -997,10 +998,10 @@ class PostgresStore:
             self._committed(written, granted, turns, seconds)
         return {
             key: [
-                [
+                Replayed(
                     by_sequence[key[0], key[1], s]
                     for s in range(o.first_sequence, o.first_sequence + o.count)
-                ]
+                )
                 if isinstance(o, Replay)
                 else o
                 for o in group.outcomes

@@ -93,6 +93,7 @@ from turnid.service.domain.errors import (
 from turnid.service.domain.model import (
     NEW_THREAD,
     Allocation,
+    Replayed,
     RequestRecord,
     ThreadInfo,
     ThreadState,
@@ -1494,9 +1495,11 @@ class SqliteStore:
             start = decision.first_sequence - thread.first_new
             if start >= 0:  # recorded earlier in this group (rare: a retry within one group)
                 granted = [turn for grant in thread.grants for turn in grant]
-                return granted[start : start + decision.count]
-            return _read_range(
-                cursor, namespace, thread_id, decision.first_sequence - 1, decision.count
+                return Replayed(granted[start : start + decision.count])
+            return Replayed(
+                _read_range(
+                    cursor, namespace, thread_id, decision.first_sequence - 1, decision.count
+                )
             )
         thread.state = decision.state
         thread.grants.append(decision.turns)
