@@ -141,33 +141,41 @@ class Gate:
         # release is set by then).
         for name in ("allocate", "allocate_batch", "claim"):
             monkeypatch.setattr(TurnService, name, self._held(getattr(TurnService, name)))
+        # The unary RPCs' writes (the servicer's entry point: one validated Allocation).
+        if hasattr(TurnService, "write"):
+            original_write = TurnService.write
+
+            async def write(service: TurnService, allocation: Any) -> Any:
+                await self._pass([allocation.thread_id])
+                return await original_write(service, allocation)
+
+            monkeypatch.setattr(TurnService, "write", write)
         # AllocateMany's writes reach the service together, in one call.
         if hasattr(TurnService, "allocate_many"):
             monkeypatch.setattr(
                 TurnService, "allocate_many", self._held_many(TurnService.allocate_many)
             )
 
-    def _held(self, original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        async def held(service: TurnService, thread_id: str, *args: Any, **kwargs: Any) -> Any:
-            if self.hold_first and not self.first.is_set():
-                self.first.set()
-                await _wait_threadsafe(self._release_first)
+    async def _pass(self, thread_ids: Any) -> None:
+        """Wait here while the first write or any of `thread_ids` is held."""
+        if self.hold_first and not self.first.is_set():
+            self.first.set()
+            await _wait_threadsafe(self._release_first)
+        for thread_id in dict.fromkeys(thread_ids):
             if thread_id in self._release:
                 self.arrived[thread_id].set()
                 await _wait_threadsafe(self._release[thread_id])
+
+    def _held(self, original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def held(service: TurnService, thread_id: str, *args: Any, **kwargs: Any) -> Any:
+            await self._pass([thread_id])
             return await original(service, thread_id, *args, **kwargs)
 
         return held
 
     def _held_many(self, original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def held(service: TurnService, requests: Any, *args: Any, **kwargs: Any) -> Any:
-            if self.hold_first and not self.first.is_set():
-                self.first.set()
-                await _wait_threadsafe(self._release_first)
-            for thread_id in dict.fromkeys(request.thread_id for request in requests):
-                if thread_id in self._release:
-                    self.arrived[thread_id].set()
-                    await _wait_threadsafe(self._release[thread_id])
+            await self._pass(request.thread_id for request in requests)
             return await original(service, requests, *args, **kwargs)
 
         return held
@@ -467,6 +475,15 @@ async def test_async_an_items_unavailable_is_retried_within_its_deadline(
         return await original(service, thread, *args, **kwargs)
 
     monkeypatch.setattr(TurnService, "allocate", allocate)  # user_input() is an allocate()
+    if hasattr(TurnService, "write"):  # ... which the servicer's unary RPCs call as write()
+        original_write = TurnService.write
+
+        async def write(service: TurnService, allocation: Any) -> Any:
+            if allocation.thread_id == flaky and failures:
+                raise failures.pop()
+            return await original_write(service, allocation)
+
+        monkeypatch.setattr(TurnService, "write", write)
     if hasattr(TurnService, "allocate_many"):  # an AllocateMany's writes, all at once
         original_many = TurnService.allocate_many
 
