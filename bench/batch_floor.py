@@ -2,10 +2,11 @@
 costs before any storage, next to what the no-op batch baseline does per call.
 
 The no-op batch (bench/baseline_server.py) serializes one canned 1,000-turn response per call. A
-server that answers fresh turns must also build that response from 1,000 turn values (the
-servicer's `add_turns`: the first turn field by field into upb messages, each one after it a copy
-of the one before with its own turn_id and sequence) and mint 1,000 UUIDv7s, whatever its store
-does. Printed as one JSON object: the median server CPU (this process, µs) of each step
+server that answers fresh turns must also build that response from the allocation's 1,000 turns
+(the servicer's `add_turns` of the TurnRun every store answers an allocation with: the first
+turn field by field into upb messages, each one after it a copy of the one before with its own
+turn_id and sequence) and mint 1,000 UUIDv7s (`mint_uuid7s`, as `decide` does), whatever its
+store does. Printed as one JSON object: the median server CPU (this process, µs) of each step
 over `--trials` runs of `--calls` responses each.
 """
 
@@ -17,8 +18,8 @@ import statistics
 import time
 from collections.abc import Callable
 
-from turnid.service.domain.minting import mint_uuid7
-from turnid.service.domain.model import Turn, TurnKind
+from turnid.service.domain.minting import mint_uuid7s
+from turnid.service.domain.model import TurnKind, TurnRun
 from turnid.service.servicer import add_turns
 from turnid.v1 import turnid_pb2
 
@@ -41,10 +42,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=5)
     args = parser.parse_args()
     now_us = time.time_ns() // 1000
-    turns = [
-        Turn("bench-thread", mint_uuid7(), TurnKind.REALTIME_DELEGATION, i + 1, now_us, "r", False)
-        for i in range(COUNT)
-    ]
+    turns = TurnRun(
+        "bench-thread", mint_uuid7s(COUNT), TurnKind.REALTIME_DELEGATION, 1, now_us, "r", False
+    )
     canned = turnid_pb2.BatchAllocateTurnIdsResponse()
     add_turns(canned.turns, turns)
 
@@ -57,7 +57,7 @@ def main() -> None:
         "turns": COUNT,
         "serialize_canned_us": _cpu_us(canned.SerializeToString, args.calls, args.trials),
         "build_and_serialize_us": _cpu_us(build, args.calls, args.trials),
-        "mint_us": _cpu_us(lambda: [mint_uuid7() for _ in range(COUNT)], args.calls, args.trials),
+        "mint_us": _cpu_us(lambda: mint_uuid7s(COUNT), args.calls, args.trials),
     }
     print(json.dumps(figures))
 

@@ -165,6 +165,9 @@ def test_decide_mints_past_a_claimed_id_it_collides_with(monkeypatch: pytest.Mon
     from turnid.service.domain import allocation
 
     claimed = "01900000-0000-7000-8000-000000000000"
+    # The generator's next id is the claimed one, on both of decide's paths: the first id of a
+    # run checked (mint_uuid7s), and each id on its own (mint_uuid7_after).
+    monkeypatch.setattr(allocation, "mint_uuid7s", lambda count: [claimed] * count)
     monkeypatch.setattr(allocation, "mint_uuid7_after", lambda last: claimed)
     grant = _decide(
         Allocation("t", TurnKind.REALTIME_DELEGATION, 1),
@@ -225,3 +228,26 @@ def test_a_change_feed_is_watched_while_anyone_subscribes() -> None:
         assert feed.idle_since == made
     assert not feed.watched.is_set()
     assert feed.idle_since >= made
+
+
+def test_a_turn_run_is_the_sequence_of_its_turns() -> None:
+    from turnid.service.domain.model import TurnRun
+
+    ids = ["a", "b", "c"]
+    run = TurnRun("thread", ids, TurnKind.USER_INPUT, 7, 1_700_000_000_000_001, "req", False)
+    turns = [
+        Turn("thread", turn_id, TurnKind.USER_INPUT, 7 + i, 1_700_000_000_000_001, "req", False)
+        for i, turn_id in enumerate(ids)
+    ]
+    assert len(run) == 3 and list(run) == turns and run == turns and turns == run
+    assert [run[i] for i in (0, 1, 2, -1, -3)] == [*turns, turns[-1], turns[0]]
+    assert run[1:] == turns[1:] and run[::-1] == turns[::-1] and run[5:] == []
+    assert run.index(turns[1]) == 1 and turns[2] in run and run.count(turns[0]) == 1
+    assert run != turns[:2] and run != [*turns[:2], turns[0]] and run != "abc"
+    with pytest.raises(IndexError):
+        run[3]
+    with pytest.raises(IndexError):
+        run[-4]
+    (only,) = TurnRun("t", ["x"], TurnKind.REALTIME_DELEGATION, 1, 5, "", True)
+    assert only == Turn("t", "x", TurnKind.REALTIME_DELEGATION, 1, 5, "", True)
+    assert list(TurnRun("t", [], TurnKind.REALTIME_DELEGATION, 1, 5, "", False)) == []

@@ -9,7 +9,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from turnid.service.domain.model import Turn, TurnKind, make_turn
+from turnid.service.domain.model import Turn, TurnKind, TurnRun, make_turn
 from turnid.service.servicer import add_turns, turn_to_proto
 from turnid.v1 import turnid_pb2
 
@@ -44,3 +44,26 @@ def test_the_turns_of_one_batch_keep_their_own_ids_and_sequences() -> None:
         (t.turn_id, t.sequence) for t in turns
     ]
     assert all(m == turn_to_proto(t) for m, t in zip(response.turns, turns, strict=True))
+
+
+_runs = st.builds(
+    TurnRun,
+    st.sampled_from(["t-a", "t-b"]),
+    st.lists(
+        st.sampled_from(["0190a0b0-0000-7000-8000-000000000001", "auto-compact-1"]), max_size=5
+    ),
+    st.sampled_from([TurnKind(1), TurnKind(2), TurnKind(3)]),
+    st.integers(1, 1 << 40),
+    st.integers(0, 1 << 52),
+    st.sampled_from(["", "r-1"]),
+    st.booleans(),
+)
+
+
+@given(_runs)
+def test_a_run_answers_as_the_turns_it_stands_for(run: TurnRun) -> None:
+    # The servicer builds an allocation's answer from the run itself (no Turn per id); it must
+    # be the messages of its turns one by one, the empty run included.
+    response = turnid_pb2.BatchAllocateTurnIdsResponse()
+    add_turns(response.turns, run)
+    assert list(response.turns) == [turn_to_proto(turn) for turn in list(run)]

@@ -60,7 +60,7 @@ async def test_one_id_claimed_from_two_replicas_is_granted_once(
         ),
         return_exceptions=True,
     )
-    granted = [o for o in outcomes if isinstance(o, list)]
+    granted = [o for o in outcomes if not isinstance(o, Exception)]
     refused = [o for o in outcomes if isinstance(o, TurnIdError)]
     assert len(granted) == 1 and len(refused) == 9
     assert {error.reason for error in refused} == {"TURN_ID_TAKEN"}

@@ -11,6 +11,7 @@ from turnid.service.domain.model import (
     ThreadState,
     Turn,
     TurnKind,
+    TurnRun,
 )
 from turnid.service.domain.turns import TurnService, WatchUpdate, WriteRequest
 from turnid.service.domain.watch import ChangeFeed
@@ -30,6 +31,7 @@ __all__ = [
     "Turn",
     "TurnIdError",
     "TurnKind",
+    "TurnRun",
     "TurnService",
     "WatchUpdate",
     "WriteRequest",

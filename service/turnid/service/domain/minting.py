@@ -31,6 +31,12 @@ def mint_uuid7() -> str:
     return str(uuid_utils.uuid7())
 
 
+def mint_uuid7s(count: int) -> list[str]:
+    """`count` new UUIDv7s, each greater than the one before (the generator's order)."""
+    uuid7 = uuid_utils.uuid7
+    return [str(uuid7()) for _ in range(count)]
+
+
 def mint_uuid7_after(last: str) -> str:
     """A new UUIDv7 greater than `last` (a canonical UUIDv7 text, or "" for none)."""
     fresh = str(uuid_utils.uuid7())

@@ -25,8 +25,9 @@ class Store(Protocol):
     async def close(self) -> None:
         """Finish queued writes and release connections."""
 
-    async def allocate(self, allocation: Allocation) -> list[Turn]:
-        """Apply one allocation atomically and durably, and return its turns.
+    async def allocate(self, allocation: Allocation) -> Sequence[Turn]:
+        """Apply one allocation atomically and durably, and return its turns (a TurnRun, or a
+        Replayed list for a replay).
 
         The store reads the thread's state, the request_id's record and taken ids under the
         thread's lock and applies `domain.allocation.decide()`: everything is written or
@@ -36,7 +37,7 @@ class Store(Protocol):
 
     async def allocate_many(
         self, allocations: Sequence[Allocation]
-    ) -> list[list[Turn] | Exception]:
+    ) -> list[Sequence[Turn] | Exception]:
         """allocate() of each allocation, all at once (where the store groups commits, in one
         group): each result is the allocation's turns, or the exception its allocate() would
         have raised. Independent: one refused allocation does not hold back the others."""
@@ -56,13 +57,13 @@ class Store(Protocol):
 
 
 async def allocate_queued(
-    enqueue: Callable[[Allocation], asyncio.Future[list[Turn]]],
+    enqueue: Callable[[Allocation], asyncio.Future[Sequence[Turn]]],
     allocations: Sequence[Allocation],
-) -> list[list[Turn] | Exception]:
+) -> list[Sequence[Turn] | Exception]:
     """A queueing store's allocate_many: queue each allocation with `enqueue` (its future, or
     a TurnIdError when refused at the door), then wait for all of them at once (no task per
     allocation) and return each one's turns or exception."""
-    outcomes: list[asyncio.Future[list[Turn]] | Exception] = []
+    outcomes: list[asyncio.Future[Sequence[Turn]] | Exception] = []
     for allocation in allocations:
         try:
             outcomes.append(enqueue(allocation))
@@ -71,7 +72,7 @@ async def allocate_queued(
     futures = [outcome for outcome in outcomes if not isinstance(outcome, Exception)]
     if futures:
         await asyncio.gather(*futures, return_exceptions=True)
-    results: list[list[Turn] | Exception] = []
+    results: list[Sequence[Turn] | Exception] = []
     for outcome in outcomes:
         if isinstance(outcome, Exception):
             results.append(outcome)

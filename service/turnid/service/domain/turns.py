@@ -69,7 +69,7 @@ class TurnService:
         *,
         namespace: str = "",
         expected_last_sequence: int | None = None,
-    ) -> list[Turn]:
+    ) -> Sequence[Turn]:
         return await self.store.allocate(
             _allocation(thread_id, kind, count, request_id, namespace, expected_last_sequence)
         )
@@ -89,7 +89,7 @@ class TurnService:
         )
         return turn
 
-    async def write(self, allocation: Allocation) -> list[Turn]:
+    async def write(self, allocation: Allocation) -> Sequence[Turn]:
         """One validated allocation (see `allocation`): its turns, a `Replayed` list when its
         request_id was seen."""
         return await self.store.allocate(allocation)
@@ -108,7 +108,7 @@ class TurnService:
 
     async def allocate_many(
         self, allocations: Sequence[Allocation]
-    ) -> list[list[Turn] | Exception]:
+    ) -> list[Sequence[Turn] | Exception]:
         """Independent allocations at once (the store takes them as one group where it groups):
         each result is the allocation's turns, or the exception (a TurnIdError for a refusal)
         that allocating it alone would have raised."""

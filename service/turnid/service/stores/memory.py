@@ -38,15 +38,15 @@ class MemoryStore:
     async def close(self) -> None:
         self.changes.close()
 
-    async def allocate(self, allocation: Allocation) -> list[Turn]:
+    async def allocate(self, allocation: Allocation) -> Sequence[Turn]:
         return self._allocate(allocation)
 
     async def allocate_many(
         self, allocations: Sequence[Allocation]
-    ) -> list[list[Turn] | Exception]:
+    ) -> list[Sequence[Turn] | Exception]:
         # Through allocate(), which never awaits: each is still one atomic step, and a store
         # built on this one that changes allocate() changes this too.
-        results: list[list[Turn] | Exception] = []
+        results: list[Sequence[Turn] | Exception] = []
         for allocation in allocations:
             try:
                 results.append(await self.allocate(allocation))
@@ -54,7 +54,7 @@ class MemoryStore:
                 results.append(error)
         return results
 
-    def _allocate(self, allocation: Allocation) -> list[Turn]:
+    def _allocate(self, allocation: Allocation) -> Sequence[Turn]:
         # Not a coroutine: on one event loop this runs as one atomic step, the thread's
         # serialization point.
         key = (allocation.namespace, allocation.thread_id)
@@ -68,8 +68,9 @@ class MemoryStore:
             return Replayed(thread.turns[first : first + decision.count])
         self._threads[key] = thread
         thread.state = decision.state
-        thread.turns.extend(decision.turns)
-        thread.by_turn_id.update((turn.turn_id, turn) for turn in decision.turns)
+        turns = list(decision.turns)
+        thread.turns += turns
+        thread.by_turn_id.update(zip(decision.turns.turn_ids, turns, strict=True))
         if decision.record is not None:
             thread.requests[allocation.request_id] = decision.record
         self.changes.publish(key)

@@ -404,7 +404,7 @@ class _Lost(Exception):
 @dataclass(eq=False, slots=True)
 class _Queued:
     allocation: Allocation
-    future: asyncio.Future[list[Turn]]
+    future: asyncio.Future[Sequence[Turn]]
     since: float = field(default_factory=time.monotonic)
 
 
@@ -413,7 +413,7 @@ class _Decided:
     """A group decided: one outcome per allocation (turns, a refusal, or a replay of turns in
     the database), what to write, and the sequences to read for the replays."""
 
-    outcomes: list[list[Turn] | TurnIdError | Replay]
+    outcomes: list[Sequence[Turn] | TurnIdError | Replay]
     state: ThreadState
     turns: list[Turn]
     records: list[tuple[str, RequestRecord]]
@@ -432,7 +432,7 @@ def _decide_group(
     earlier in the group replays that grant; its ids count as taken)."""
     now_us = time.time_ns() // 1000 if now_us is None else now_us
     decided = _Decided([], state, [], [], [], 0)
-    fresh: dict[str, list[Turn]] = {}  # request_id -> turns granted in this group
+    fresh: dict[str, Sequence[Turn]] = {}  # request_id -> turns granted in this group
     for allocation in allocations:
         rid = allocation.request_id
         seen = records.get(rid) if rid else None
@@ -452,7 +452,7 @@ def _decide_group(
         decided.state = decision.state
         decided.turns += decision.turns
         decided.granted += 1
-        taken.update(turn.turn_id for turn in decision.turns)
+        taken.update(decision.turns.turn_ids)
         if decision.record is not None:
             records[rid] = decision.record
             fresh[rid] = decision.turns
@@ -770,15 +770,15 @@ class PostgresStore:
     # transaction, one commit for every thread queued when the batch starts (each thread's
     # allocations in it decided one after the other), at most `max_batches` in flight.
 
-    async def allocate(self, allocation: Allocation) -> list[Turn]:
+    async def allocate(self, allocation: Allocation) -> Sequence[Turn]:
         return await self._enqueue(allocation)
 
     async def allocate_many(
         self, allocations: Sequence[Allocation]
-    ) -> list[list[Turn] | Exception]:
+    ) -> list[Sequence[Turn] | Exception]:
         return await allocate_queued(self._enqueue, allocations)
 
-    def _enqueue(self, allocation: Allocation) -> asyncio.Future[list[Turn]]:
+    def _enqueue(self, allocation: Allocation) -> asyncio.Future[Sequence[Turn]]:
         """Queue an allocation for a batch: its future has its turns once committed."""
         if self._closed:
             raise store_unavailable("store is closed")
@@ -914,7 +914,7 @@ class PostgresStore:
         keys: list[ThreadKey],
         batch: dict[ThreadKey, list[_Queued]],
         suspects: dict[ThreadKey, set[str]],
-    ) -> dict[ThreadKey, list[list[Turn] | TurnIdError]]:
+    ) -> dict[ThreadKey, list[Sequence[Turn] | TurnIdError]]:
         """One transaction for the batch, in two round trips. Explicit BEGIN/COMMIT in one
         pipeline: psycopg's transaction() inside a pipeline syncs at every step."""
         seen_rows: list[list[str]] = []

@@ -99,6 +99,7 @@ from turnid.service.domain.model import (
     ThreadState,
     Turn,
     TurnKind,
+    TurnRun,
     make_turn,
 )
 from turnid.service.domain.watch import ChangeFeed, ThreadKey
@@ -509,7 +510,7 @@ class _GroupThread:
 
     state: ThreadState
     first_new: int  # the sequence of the group's first new turn in the thread
-    grants: list[list[Turn]] = field(default_factory=list)  # turns granted in this group
+    grants: list[TurnRun] = field(default_factory=list)  # turns granted in this group
     ids: set[str] = field(default_factory=set)  # their turn ids
     requests: dict[str, RequestRecord] = field(default_factory=dict)  # recorded in this group
 
@@ -638,25 +639,28 @@ class _Batch:
             return
         rows: list[tuple[object, ...]] = []
         for (ns, _), thread in changed:
-            for grant in thread.grants:
-                if len(grant) >= _GRANT_MIN_TURNS:
-                    t = grant[0]
-                    ids = json.dumps([turn.turn_id for turn in grant])
-                    values = (t.thread_id, t.kind, t.sequence, t.create_time_us, t.request_id)
-                    cursor.execute(_GRANT_INSERT, (ns, *values, t.claimed, ids))
+            for run in thread.grants:
+                shared = (run.thread_id, run.kind, run.first_sequence, run.create_time_us)
+                if len(run) >= _GRANT_MIN_TURNS:
+                    # A run this long is minted here (UUIDv7 text, auto-compact-N; a claim is
+                    # one turn): nothing in its ids needs escaping, and joining them is a
+                    # twentieth of json.dumps (~6 against ~110 µs for 1,000).
+                    ids = '["' + '","'.join(run.turn_ids) + '"]'
+                    cursor.execute(_GRANT_INSERT, (ns, *shared, run.request_id, run.claimed, ids))
                     continue
+                thread_id, kind, first, create_time_us = shared
                 rows += [
                     (
                         ns,
-                        t.thread_id,
-                        t.turn_id,
-                        t.kind,
-                        t.sequence,
-                        t.create_time_us,
-                        t.request_id,
-                        t.claimed,
+                        thread_id,
+                        turn_id,
+                        kind,
+                        first + i,
+                        create_time_us,
+                        run.request_id,
+                        run.claimed,
                     )
-                    for t in grant
+                    for i, turn_id in enumerate(run.turn_ids)
                 ]
         _run_rows(cursor, "turns", rows)
         _run_rows(
@@ -686,7 +690,7 @@ class _Batch:
             _run_rows(cursor, "requests", request_rows)
 
 
-_Result = list[Turn] | BaseException
+_Result = Sequence[Turn] | BaseException
 
 
 @dataclass(slots=True)
@@ -737,7 +741,7 @@ class _Call:
             self.future.set_result(None)
 
 
-def _turns_or_raise(result: _Result | None) -> list[Turn]:
+def _turns_or_raise(result: _Result | None) -> Sequence[Turn]:
     if isinstance(result, BaseException):
         raise result
     assert result is not None  # every allocation of a settled call has its result
@@ -1025,7 +1029,7 @@ class SqliteStore:
 
     # --- writes: group commit -------------------------------------------------------------
 
-    async def allocate(self, allocation: Allocation) -> list[Turn]:
+    async def allocate(self, allocation: Allocation) -> Sequence[Turn]:
         call = self._commit_alone(allocation) if self._idle_for(allocation) else None
         if call is None:
             call = _Call(1)
@@ -1077,7 +1081,7 @@ class SqliteStore:
 
     async def allocate_many(
         self, allocations: Sequence[Allocation]
-    ) -> list[list[Turn] | Exception]:
+    ) -> list[Sequence[Turn] | Exception]:
         if not allocations:
             return []
         call = _Call(len(allocations))
@@ -1465,7 +1469,7 @@ class SqliteStore:
         finally:
             cursor.execute("PRAGMA busy_timeout=0")
 
-    def _apply(self, batch: _Batch, allocation: Allocation, now_us: int) -> list[Turn]:
+    def _apply(self, batch: _Batch, allocation: Allocation, now_us: int) -> Sequence[Turn]:
         """Decide one allocation of the group: its turns, or a refusal (TurnIdError).
 
         Reads only; what to write is kept on `batch`, which writes the group before COMMIT.
@@ -1503,7 +1507,7 @@ class SqliteStore:
             )
         thread.state = decision.state
         thread.grants.append(decision.turns)
-        thread.ids.update(turn.turn_id for turn in decision.turns)
+        thread.ids.update(decision.turns.turn_ids)
         if decision.record is not None:
             thread.requests[request_id] = decision.record
         return decision.turns
