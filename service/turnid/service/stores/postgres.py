@@ -89,6 +89,7 @@ from turnid.service.domain.model import (
     ThreadState,
     Turn,
     TurnKind,
+    TurnRun,
     make_turn,
 )
 from turnid.service.domain.store import allocate_queued
@@ -415,7 +416,7 @@ class _Decided:
 
     outcomes: list[Sequence[Turn] | TurnIdError | Replay]
     state: ThreadState
-    turns: list[Turn]
+    runs: list[TurnRun]  # the turns granted, one run per allocation
     records: list[tuple[str, RequestRecord]]
     replayed: list[int]
     granted: int
@@ -450,7 +451,7 @@ def _decide_group(
                 decided.replayed += range(first, first + decision.count)
             continue
         decided.state = decision.state
-        decided.turns += decision.turns
+        decided.runs.append(decision.turns)
         decided.granted += 1
         taken.update(decision.turns.turn_ids)
         if decision.record is not None:
@@ -492,7 +493,7 @@ def _write_params(decided: dict[ThreadKey, _Decided]) -> tuple[str, int, str, st
     requests: list[Any] = []
     turns: list[Any] = []
     for (namespace, thread_id), group in decided.items():
-        if not group.turns:
+        if not group.runs:
             continue
         s = group.state
         states.append(
@@ -511,19 +512,13 @@ def _write_params(decided: dict[ThreadKey, _Decided]) -> tuple[str, int, str, st
             [namespace, thread_id, rid, r.kind, r.count, r.claimed_turn_id, r.first_sequence]
             for rid, r in group.records
         )
-        turns += (
-            [
-                namespace,
-                thread_id,
-                t.sequence,
-                t.turn_id,
-                int(t.kind),
-                t.request_id,
-                t.claimed,
-                t.create_time_us,
-            ]
-            for t in group.turns
-        )
+        for run in group.runs:
+            kind, first, when = int(run.kind), run.first_sequence, run.create_time_us
+            request_id, claimed = run.request_id, run.claimed
+            turns += (
+                [namespace, thread_id, first + i, turn_id, kind, request_id, claimed, when]
+                for i, turn_id in enumerate(run.turn_ids)
+            )
     return _json(states), len(states), _json(requests), _json(turns)
 
 
@@ -963,7 +958,7 @@ class PostgresStore:
             second: list[tuple[str, Sequence[Any]]] = []
             if replayed:
                 second.append((_REPLAYED, _rows_param(replayed)))
-            if any(group.turns for group in decided.values()):
+            if any(group.runs for group in decided.values()):
                 second.append((_WRITE, _write_params(decided)))
             second.append(("COMMIT", ()))
             commit_sent = True
@@ -985,7 +980,9 @@ class PostgresStore:
                     # A minted id collided with a claimed one: retry the batch with the ids it
                     # minted reported as candidates, so the colliding one is found taken.
                     for key, group in decided.items():
-                        suspects.setdefault(key, set()).update(t.turn_id for t in group.turns)
+                        ids = suspects.setdefault(key, set())
+                        for run in group.runs:
+                            ids.update(run.turn_ids)
                 raise _Retry(_one_line(error)) from error
             if isinstance(error, psycopg.OperationalError) and conn.broken and not commit_sent:
                 raise _Lost(_one_line(error)) from error
@@ -993,8 +990,8 @@ class PostgresStore:
         granted = sum(group.granted for group in decided.values())
         if granted:
             seconds = time.perf_counter() - started
-            written = [key for key, group in decided.items() if group.turns]
-            turns = sum(len(group.turns) for group in decided.values())
+            written = [key for key, group in decided.items() if group.runs]
+            turns = sum(len(run) for group in decided.values() for run in group.runs)
             self._committed(written, granted, turns, seconds)
         return {
             key: [
