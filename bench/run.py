@@ -924,7 +924,7 @@ def _notes(result: Result, ids_per_call: int) -> str:
     elif rss:
         notes.append(
             f"RSS {rss['before_mb']:.1f} → {rss['after_mb']:.1f} MB "
-            f"(+{rss['after_mb'] - rss['before_mb']:.1f}) over {rss['allocations']:,} allocations"
+            f"({rss['after_mb'] - rss['before_mb']:+.1f}) over {rss['allocations']:,} allocations"
         )
     errors = result.c1.get("errors", 0) + result.c32.get("errors", 0)
     if errors:
@@ -981,7 +981,7 @@ def table(
         lines.append(
             f"| floor: answering {floor['turns']:,} fresh turns, no store | | | | | "
             f"| {_floor_us(floor):,.0f} | in-process CPU µs per response beyond the no-op batch's "
-            f"canned one: building it from turn values "
+            f"canned one: building it from the allocation's TurnRun "
             f"{floor['build_and_serialize_us']:,.0f} (serializing the canned one "
             f"{floor['serialize_canned_us']:,.0f}), minting its ids {floor['mint_us']:,.0f} |"
         )
@@ -1099,7 +1099,7 @@ def targets(
         what = f"RSS growth ≤ 20 MB over {RSS_ALLOCATIONS:,} allocations ({row})"
         if rss and rss.get("allocations", 0) >= RSS_ALLOCATIONS:
             growth = rss["after_mb"] - rss["before_mb"]
-            checks.append({"target": what, "measured": f"+{growth:.1f} MB", "met": growth <= 20})
+            checks.append({"target": what, "measured": f"{growth:+.1f} MB", "met": growth <= 20})
         elif rss:
             checks.append(
                 {
