@@ -178,6 +178,23 @@ def test_decide_mints_past_a_claimed_id_it_collides_with(monkeypatch: pytest.Mon
     assert grant.turns[0].turn_id == uuid7_successor(claimed)
 
 
+def test_decide_mints_a_run_past_the_threads_history_on_both_paths() -> None:
+    # A run's ids follow the thread's last minted id and its greatest claim: at once when the
+    # generator is past both, one by one (checked against the claims) when either is ahead.
+    ahead = "ffffffff-ffff-7000-8000-000000000000"  # another process's clock, far ahead
+    for state, taken in (
+        (ThreadState(3), set()),
+        (ThreadState(3, last_minted=ahead), set()),
+        (ThreadState(3, max_claimed="rollout-7"), {"rollout-7"}),
+    ):
+        grant = _decide(Allocation("t", TurnKind.REALTIME_DELEGATION, 50), state, taken=taken)
+        assert isinstance(grant, Grant)
+        ids = grant.turns.turn_ids
+        assert len(set(ids)) == 50 and ids == sorted(ids) and ids[0] > state.last_minted
+        assert not taken & set(ids) and grant.state.last_minted == ids[-1]
+        assert [t.sequence for t in grant.turns] == list(range(3, 53))
+
+
 def test_uuid7_successor_keeps_version_variant_and_carries_into_the_millisecond() -> None:
     import uuid
 

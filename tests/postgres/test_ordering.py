@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Sequence
 
 import psycopg
 import pytest
@@ -117,7 +118,7 @@ async def test_conditional_allocation_race_has_one_winner_per_round(
             ),
             return_exceptions=True,
         )
-        winners = [o for o in outcomes if not isinstance(o, BaseException)]
+        winners = [o for o in outcomes if isinstance(o, Sequence)]
         losers = [o for o in outcomes if isinstance(o, TurnIdError)]
         assert len(winners) == 1 and len(losers) == racers - 1, outcomes
         assert winners[0][0].sequence == last + 1

@@ -74,10 +74,15 @@ def decide(
         start = state.next_compaction
         turn_ids = [f"{COMPACTION_PREFIX}{n}" for n in range(start, start + allocation.count)]
     else:
-        # The generator's ids increase: when the first sorts above the thread's last minted id
-        # and its greatest claim, so do the rest (a batch's thousand, without a check apiece).
-        turn_ids = mint_uuid7s(allocation.count)
-        if turn_ids[0] <= last_minted or turn_ids[0] <= max_claimed:
+        # The generator's ids increase: when its next one sorts above the thread's last minted
+        # id and its greatest claim, so do the ones after it (a batch's thousand, minted at
+        # once with no check apiece). A thread whose claims sort above every UUIDv7 (say,
+        # "rollout-7") takes the careful path every time, so only one id is minted to look.
+        turn_ids = mint_uuid7s(1)
+        if turn_ids[0] > last_minted and turn_ids[0] > max_claimed:
+            if allocation.count > 1:
+                turn_ids += mint_uuid7s(allocation.count - 1)
+        else:
             turn_ids = []
             for _ in range(allocation.count):
                 minted = mint_uuid7_after(last_minted)

@@ -89,7 +89,7 @@ class TurnRun(Sequence[Turn]):
     `turn_ids` entry each, and every other field the same. An allocation's answer is a run,
     not a list of Turns: a batch's thousand turns are one value that the stores write (the
     ids and what they share) and the servicer answers from without a Turn apiece (1,000 Turns
-    cost ~0.5 ms of the writer thread's CPU, which a batch's group commit waits for); a Turn is
+    cost 0.4-0.5 ms of the writer thread's CPU, which a batch's group commit waits for); a Turn is
     made only when one is asked for (indexing, iterating), equal to the one the run stands for.
     A run compares equal to any sequence of the same turns, a list included.
     """
