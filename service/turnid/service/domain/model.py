@@ -89,9 +89,9 @@ class TurnRun(Sequence[Turn]):
     `turn_ids` entry each, and every other field the same. An allocation's answer is a run,
     not a list of Turns: a batch's thousand turns are one value that the stores write (the
     ids and what they share) and the servicer answers from without a Turn apiece (1,000 Turns
-    cost 0.4-0.5 ms of the writer thread's CPU, which a batch's group commit waits for); a Turn is
-    made only when one is asked for (indexing, iterating), equal to the one the run stands for.
-    A run compares equal to any sequence of the same turns, a list included.
+    cost 0.4-0.5 ms of the writer thread's CPU, which a batch's group commit waits for); a
+    Turn is made only when one is asked for (indexing, iterating), equal to the one the run
+    stands for. A run compares equal to any sequence of the same turns, a list included.
     """
 
     __slots__ = (
@@ -137,7 +137,15 @@ class TurnRun(Sequence[Turn]):
         turn_id = self.turn_ids[index]  # IndexError past the end, as a list's
         if index < 0:
             index += len(self.turn_ids)
-        return self._turn(turn_id, self.first_sequence + index)
+        return make_turn(
+            self.thread_id,
+            turn_id,
+            self.kind,
+            self.first_sequence + index,
+            self.create_time_us,
+            self.request_id,
+            self.claimed,
+        )
 
     def __iter__(self) -> Iterator[Turn]:
         ids = self.turn_ids
@@ -150,17 +158,6 @@ class TurnRun(Sequence[Turn]):
                 make_turn(thread_id, turn_id, kind, first + i, when, request_id, claimed)
                 for i, turn_id in enumerate(ids)
             ]
-        )
-
-    def _turn(self, turn_id: str, sequence: int) -> Turn:
-        return make_turn(
-            self.thread_id,
-            turn_id,
-            self.kind,
-            sequence,
-            self.create_time_us,
-            self.request_id,
-            self.claimed,
         )
 
     def __eq__(self, other: object) -> bool:
